@@ -1,0 +1,257 @@
+"""The AnyFlow transformer: patchify -> dual-timestep and context embeddings -> DiT blocks -> head -> unpatchify."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .block import DiTBlock, modulate
+from .config import AnyFlowConfig
+from .context import ImageProjection, TextProjection
+from .patchify import PatchEmbed, unpatchify
+from .rope import rope_cos_sin
+from .timestep import DualTimestepEmbedding
+
+# Parameters kept in float32 when the model is held in half precision (matched on whole
+# dotted name components): the source-time MLP, every modulation table, every affine norm.
+FP32_ISLANDS = (
+    "time_embed.source_time_mlp",
+    "modulation",
+    "cross_attn_norm",
+    "image_proj.norm_in",
+    "image_proj.norm_out",
+)
+
+TimestepLike = Union[torch.Tensor, numbers.Real]
+
+
+def is_fp32_island(param_name: str) -> bool:
+    """Whether a parameter of :class:`AnyFlowTransformer3DModel` stays float32 in half precision."""
+    dotted = f".{param_name}."
+    return any(f".{island}." in dotted for island in FP32_ISLANDS)
+
+
+@dataclass
+class Transformer3DOutput:
+    """Output of :meth:`AnyFlowTransformer3DModel.forward`: the mean velocity (B, F, C_out, H, W)."""
+
+    sample: torch.Tensor
+
+
+@dataclass
+class PreparedContext:
+    """The context embedded once, with every block's cross-attention keys and values.
+
+    Made by :meth:`AnyFlowTransformer3DModel.prepare_context`; pass it as ``encoder_hidden_states``
+    to reuse it across the steps of a sampler.
+    """
+
+    batch_size: int
+    kv: List[Tuple[torch.Tensor, torch.Tensor]]
+
+
+class OutputHead(nn.Module):
+    """Final adaLN (modulated by the mixed embedding ``rt``) and the projection to patch pixels."""
+
+    def __init__(self, hidden_size: int, out_channels: int, patch_size: Tuple[int, int, int], eps: float):
+        super().__init__()
+        self.eps = eps
+        self.modulation = nn.Parameter(torch.randn(1, 2, hidden_size) / hidden_size**0.5)
+        self.proj = nn.Linear(hidden_size, out_channels * math.prod(patch_size))
+
+    def forward(self, x: torch.Tensor, rt: torch.Tensor) -> torch.Tensor:
+        """x (B, L, D), rt (B, F, D) -> (B, L, ph*pw*C_out)."""
+        m = (self.modulation.float() + rt.float().unsqueeze(2)).unsqueeze(3)  # (B, F, 2, 1, D)
+        shift, scale = m.unbind(2)
+        return self.proj(modulate(x, shift, scale, self.eps))
+
+
+class AnyFlowTransformer3DModel(nn.Module):
+    """The bidirectional AnyFlow flow-map transformer (Wan2.1 DiT with a dual-timestep embedding).
+
+    ``forward`` predicts the mean velocity ``u`` that carries latents from timestep t to r:
+    ``z_r = z_t - (sigma_t - sigma_r) * u`` with ``t = 1000 * sigma``.
+
+    Precision: hold the model in half precision with :meth:`to_dtype`, which keeps the
+    parameters named in :data:`FP32_ISLANDS` in float32. Inputs are cast to the model's dtype.
+    Set ``gradient_checkpointing = True`` to recompute each block in the backward pass.
+    """
+
+    def __init__(self, config: AnyFlowConfig):
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.patch_embed = PatchEmbed(config.in_channels, d, config.patch_size)
+        self.time_embed = DualTimestepEmbedding(config.freq_dim, d, config.gate_value, config.deltatime_type)
+        self.text_proj = TextProjection(config.text_dim, d)
+        self.image_proj = ImageProjection(config.image_dim, d) if config.image_dim is not None else None
+        self.blocks = nn.ModuleList(
+            DiTBlock(d, config.num_attention_heads, config.ffn_dim, config.cross_attn_norm, config.eps)
+            for _ in range(config.num_layers)
+        )
+        self.head = OutputHead(d, config.out_channels, config.patch_size, config.eps)
+        self.gradient_checkpointing = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: that of the patch embedding (the fp32 islands aside)."""
+        return self.patch_embed.proj.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embed.proj.weight.device
+
+    def to_dtype(self, dtype: torch.dtype) -> "AnyFlowTransformer3DModel":
+        """Cast in place to ``dtype``, keeping :data:`FP32_ISLANDS` in float32. Returns self.
+
+        This is the one supported way to hold the model in bfloat16 or float16.
+        """
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating point dtype, got {dtype}")
+        for name, param in self.named_parameters():
+            param.data = param.data.to(torch.float32 if is_fp32_island(name) else dtype)
+        return self
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (saves memory when training)."""
+        self.gradient_checkpointing = enabled
+
+    def prepare_context(
+        self, encoder_hidden_states: torch.Tensor, encoder_hidden_states_image: Optional[torch.Tensor] = None
+    ) -> PreparedContext:
+        """Embed text (B, S, text_dim) and image (B, S_img, image_dim) tokens and project every
+        block's cross-attention keys and values, once."""
+        self._check_context(encoder_hidden_states, encoder_hidden_states_image)
+        context = self.text_proj(encoder_hidden_states.to(self.device, self.dtype))  # (B, S, D)
+        if encoder_hidden_states_image is not None:
+            image = self.image_proj(encoder_hidden_states_image.to(self.device, self.dtype))
+            context = torch.cat([image, context], dim=1)  # image tokens first
+        return PreparedContext(context.shape[0], [block.cross_attn.context_kv(context) for block in self.blocks])
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: TimestepLike,
+        r_timestep: TimestepLike,
+        encoder_hidden_states: Union[torch.Tensor, PreparedContext],
+        encoder_hidden_states_image: Optional[torch.Tensor] = None,
+        attention_kwargs: Optional[Dict[str, Any]] = None,
+        return_dict: bool = True,
+    ) -> Union[Transformer3DOutput, Tuple[torch.Tensor]]:
+        """Mean velocity from timestep t to r.
+
+        Args:
+            hidden_states: latents (B, F, C_in, H, W), frames before channels.
+            timestep: source timestep t in [0, 1000]: a number, a 0-d or (B,) tensor, or (B, F).
+            r_timestep: target timestep r, same forms as ``timestep``.
+            encoder_hidden_states: UMT5 embeddings (B, S, text_dim), or a :class:`PreparedContext`.
+            encoder_hidden_states_image: image tokens (B, S_img, image_dim) when ``image_dim`` is set.
+            attention_kwargs: accepted for diffusers compatibility; must be None or empty.
+            return_dict: return a :class:`Transformer3DOutput` (else a 1-tuple).
+
+        Returns:
+            The velocity (B, F, C_out, H, W) in the model's dtype.
+        """
+        if attention_kwargs:
+            raise ValueError(
+                f"attention_kwargs is not supported (no attention processors or LoRA here), got keys "
+                f"{sorted(attention_kwargs)}"
+            )
+        grid = self._check_latents(hidden_states)
+        batch, frames = hidden_states.shape[:2]
+        if isinstance(encoder_hidden_states, PreparedContext):
+            if encoder_hidden_states_image is not None:
+                raise ValueError("encoder_hidden_states_image must be None when passing a PreparedContext")
+            context = encoder_hidden_states
+        else:
+            context = self.prepare_context(encoder_hidden_states, encoder_hidden_states_image)
+        if context.batch_size != batch:
+            raise ValueError(
+                f"batch sizes disagree: hidden_states has {batch}, encoder_hidden_states has {context.batch_size}"
+            )
+        t = self._timestep_grid(timestep, "timestep", batch, frames)
+        r = self._timestep_grid(r_timestep, "r_timestep", batch, frames)
+
+        x = self.patch_embed(hidden_states.to(self.device, self.dtype))  # (B, L, D)
+        rt, mod = self.time_embed(t, r, self.dtype)  # (B, F, D), (B, F, 6, D)
+        rope = rope_cos_sin(grid, self.config.attention_head_dim, x.device)
+        for block, kv in zip(self.blocks, context.kv):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, kv, mod, rope, use_reentrant=False)
+            else:
+                x = block(x, kv, mod, rope)
+        velocity = unpatchify(self.head(x, rt), grid, self.config.patch_size)  # (B, F, C_out, H, W)
+        return Transformer3DOutput(velocity) if return_dict else (velocity,)
+
+    def _check_latents(self, latents: torch.Tensor) -> Tuple[int, int, int]:
+        """Validate (B, F, C, H, W) latents; return the patch grid (F, H/ph, W/pw)."""
+        cfg = self.config
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 5:
+            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"hidden_states must be a 5-D tensor (B, F, C, H, W), got {shape}")
+        b, f, c, h, w = latents.shape
+        if c != cfg.in_channels:
+            raise ValueError(
+                f"hidden_states has {c} channels at dim 2 of shape {tuple(latents.shape)}, the model expects "
+                f"in_channels={cfg.in_channels} (layout is (B, F, C, H, W))"
+            )
+        _, ph, pw = cfg.patch_size
+        if h % ph or w % pw:
+            raise ValueError(f"hidden_states height x width {h}x{w} is not divisible by the patch {ph}x{pw}")
+        if min(b, f, h, w) == 0:
+            raise ValueError(f"hidden_states has an empty dimension: shape {tuple(latents.shape)}")
+        grid = (f, h // ph, w // pw)
+        if max(grid) > cfg.rope_max_seq_len:
+            raise ValueError(
+                f"patch grid (frames, rows, columns) = {grid} exceeds rope_max_seq_len={cfg.rope_max_seq_len}"
+            )
+        return grid
+
+    def _check_context(self, text: torch.Tensor, image: Optional[torch.Tensor]) -> None:
+        cfg = self.config
+        if not isinstance(text, torch.Tensor) or text.dim() != 3 or text.shape[-1] != cfg.text_dim:
+            shape = tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__
+            raise ValueError(f"encoder_hidden_states must be (B, S, text_dim={cfg.text_dim}), got {shape}")
+        if cfg.image_dim is None:
+            if image is not None:
+                raise ValueError(
+                    "encoder_hidden_states_image was given but this model has no image projection (image_dim=None)"
+                )
+            return
+        if image is None:
+            raise ValueError(f"this model has image_dim={cfg.image_dim}: encoder_hidden_states_image is required")
+        if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[-1] != cfg.image_dim:
+            shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(f"encoder_hidden_states_image must be (B, S_img, image_dim={cfg.image_dim}), got {shape}")
+        if image.shape[0] != text.shape[0]:
+            raise ValueError(
+                f"batch sizes disagree: encoder_hidden_states has {text.shape[0]}, "
+                f"encoder_hidden_states_image has {image.shape[0]}"
+            )
+
+    def _timestep_grid(self, value: TimestepLike, name: str, batch: int, frames: int) -> torch.Tensor:
+        """A number, 0-d, (B,) or (B, F) timestep -> finite float32 (B, F) on the model's device."""
+        if isinstance(value, bool) or not isinstance(value, (torch.Tensor, numbers.Real)):
+            raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
+        tensor = torch.as_tensor(value, device=self.device)
+        if tensor.is_complex() or tensor.dtype == torch.bool:
+            raise TypeError(f"{name} must be real-valued, got dtype {tensor.dtype}")
+        tensor = tensor.float()
+        if tensor.dim() == 1:
+            tensor = tensor[:, None]  # (B,) -> (B, 1): one timestep per sample
+        try:
+            tensor = torch.broadcast_to(tensor, (batch, frames))
+        except RuntimeError:
+            raise ValueError(
+                f"{name} of shape {tuple(torch.as_tensor(value).shape)} does not broadcast to (B, F) = "
+                f"({batch}, {frames}); give a number, a (B,) or a (B, F) tensor"
+            ) from None
+        if not torch.compiler.is_compiling() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{name} has non-finite values: {tensor.tolist()}")
+        return tensor
