@@ -118,6 +118,27 @@ class AnyFlowTransformer3DModel(nn.Module):
             param.data = param.data.to(torch.float32 if is_fp32_island(name) else dtype)
         return self
 
+    @classmethod
+    def from_pretrained(
+        cls, path: str, dtype: Optional[Union[str, torch.dtype]] = None, device: Union[str, torch.device] = "cpu"
+    ) -> "AnyFlowTransformer3DModel":
+        """Load our layout, a Hub diffusers snapshot (or its ``transformer`` folder), a single
+        safetensors file, an authors' ``.pt`` or a Wan2.1 base checkpoint (warm start).
+
+        Diffusers names are mapped on the fly, no temporary files. The model is built on the meta
+        device and the tensors are assigned. ``dtype`` None keeps the checkpoint's dtype; a half
+        dtype keeps the fp32 islands in float32. Reading is done by :mod:`weights_convert`.
+        """
+        from weights_convert.convert import load_model  # the converter owns every file format
+
+        return load_model(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str, max_shard_size: str = "5GB", force: bool = False) -> None:
+        """Write our layout to folder ``path``: ``config.json`` and ``model.safetensors`` (or shards)."""
+        from weights_convert.convert import save_model
+
+        save_model(self, path, max_shard_size=max_shard_size, force=force)
+
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in the backward pass (saves memory when training)."""
         self.gradient_checkpointing = enabled

@@ -71,3 +71,46 @@ PER_BLOCK = {group: _expand(rows) for group, rows in BLOCK_ROWS.items()}
 def invert(table: Mapping[str, Mapping[str, str]]) -> Dict[str, Dict[str, str]]:
     """Swap the direction of a grouped table."""
     return {group: {v: k for k, v in names.items()} for group, names in table.items()}
+
+
+# Wan2.1 original layout (Wan-AI/Wan2.1-T2V-*) -> diffusers names. Wan has no target-time MLP:
+# the AnyFlow warm start copies the source-time MLP into it (see ``sources.py``).
+WAN_ORIGINAL_TOP_ROWS: Dict[str, List[Tuple[str, str, Tuple[str, ...]]]] = {
+    "required": [
+        ("patch_embedding", "patch_embedding", WB),
+        ("time_embedding.0", "condition_embedder.time_embedder.linear_1", WB),
+        ("time_embedding.2", "condition_embedder.time_embedder.linear_2", WB),
+        ("time_projection.1", "condition_embedder.time_proj", WB),
+        ("text_embedding.0", "condition_embedder.text_embedder.linear_1", WB),
+        ("text_embedding.2", "condition_embedder.text_embedder.linear_2", WB),
+        ("head.modulation", "scale_shift_table", ()),
+        ("head.head", "proj_out", WB),
+    ],
+}
+WAN_ORIGINAL_BLOCK_ROWS: Dict[str, List[Tuple[str, str, Tuple[str, ...]]]] = {
+    "required": [
+        ("modulation", "scale_shift_table", ()),
+        *[
+            (f"{wan}.{proj}", f"{theirs}.{diffusers_proj}", WB)
+            for wan, theirs in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+            for proj, diffusers_proj in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0"))
+        ],
+        *[
+            (f"{wan}.{norm}", f"{theirs}.{norm}", ("weight",))
+            for wan, theirs in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+            for norm in ("norm_q", "norm_k")
+        ],
+        ("ffn.0", "ffn.net.0.proj", WB),
+        ("ffn.2", "ffn.net.2", WB),
+    ],
+    "cross_attn_norm": [("norm3", "norm2", WB)],
+}
+WAN_ORIGINAL_TOP = {group: _expand(rows) for group, rows in WAN_ORIGINAL_TOP_ROWS.items()}
+WAN_ORIGINAL_PER_BLOCK = {group: _expand(rows) for group, rows in WAN_ORIGINAL_BLOCK_ROWS.items()}
+
+# The Wan2.1 diffusers layout lacks exactly these (the target-time MLP): diffusers name -> the one copied.
+WAN_WARM_START_COPIES = {
+    f"condition_embedder.delta_embedder.{layer}.{p}": f"condition_embedder.time_embedder.{layer}.{p}"
+    for layer in ("linear_1", "linear_2")
+    for p in WB
+}

@@ -7,7 +7,7 @@ from typing import Dict, Iterable, List, Mapping
 
 import torch
 
-from .names import PER_BLOCK, TOP_LEVEL, invert
+from .names import PER_BLOCK, TOP_LEVEL, WAN_ORIGINAL_PER_BLOCK, WAN_ORIGINAL_TOP, invert
 
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)")
 _MAX_LISTED = 20
@@ -24,7 +24,10 @@ def _listing(keys: Iterable[str]) -> str:
 
 
 def rename_keys(keys: Iterable[str], direction: str = "to_anyflow") -> Dict[str, str]:
-    """Map every key to its name on the other side; ``direction`` is "to_anyflow" or "to_diffusers".
+    """Map every key to its name on the other side.
+
+    ``direction`` is "to_anyflow" (diffusers -> ours), "to_diffusers" (ours -> diffusers) or
+    "wan_original_to_diffusers" (Wan2.1 original names -> diffusers).
 
     Raises :class:`KeyMismatchError` listing unmapped keys, missing required keys and groups
     that are only partly present (for example an image projection without its second norm).
@@ -33,8 +36,12 @@ def rename_keys(keys: Iterable[str], direction: str = "to_anyflow") -> Dict[str,
         top, per_block = TOP_LEVEL, PER_BLOCK
     elif direction == "to_diffusers":
         top, per_block = invert(TOP_LEVEL), invert(PER_BLOCK)
+    elif direction == "wan_original_to_diffusers":
+        top, per_block = WAN_ORIGINAL_TOP, WAN_ORIGINAL_PER_BLOCK
     else:
-        raise ValueError(f"direction must be 'to_anyflow' or 'to_diffusers', got {direction!r}")
+        raise ValueError(
+            f"direction must be 'to_anyflow', 'to_diffusers' or 'wan_original_to_diffusers', got {direction!r}"
+        )
 
     mapping: Dict[str, str] = {}
     unmapped: List[str] = []

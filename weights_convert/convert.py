@@ -1,0 +1,121 @@
+"""Checkpoint conversion and model loading on top of :mod:`.sources` and :mod:`.writer`."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, TextIO, Union
+
+import torch
+
+from anyflow.model import AnyFlowTransformer3DModel, is_fp32_island
+
+from .sources import Checkpoint, InMemoryTensor, open_checkpoint
+from .state_dict import rename_keys
+from .writer import OutputTensor, parse_size, write_checkpoint
+
+DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TARGETS = ("anyflow", "diffusers")
+STEMS = {"anyflow": "model", "diffusers": "diffusion_pytorch_model"}
+DIFFUSERS_VERSION = "0.42.1"
+
+
+def output_dtype(name: str, stored: torch.dtype, dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype a tensor is written or loaded in: ``dtype`` (None keeps ``stored``), with the
+    fp32 islands (our names) kept in float32 when ``dtype`` is a half type."""
+    if dtype is None:
+        return stored
+    if dtype in (torch.bfloat16, torch.float16) and is_fp32_island(name):
+        return torch.float32
+    return dtype
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def config_json(checkpoint: Checkpoint, to: str) -> Dict[str, object]:
+    config = checkpoint.config.to_dict()
+    if to == "diffusers":
+        return {"_class_name": "AnyFlowTransformer3DModel", "_diffusers_version": DIFFUSERS_VERSION, **config}
+    return {"_class_name": "AnyFlowTransformer3DModel", "_format": "anyflow", **config}
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion read and wrote."""
+
+    source: Checkpoint
+    out: str
+    files: List[str]
+    nbytes_written: int
+
+
+def convert(
+    src: str,
+    out: str,
+    *,
+    from_format: Optional[str] = None,
+    to: str = "anyflow",
+    dtype: Union[str, torch.dtype, None] = "keep",
+    max_shard_size: Union[str, int] = "5GB",
+    config_path: Optional[str] = None,
+    force: bool = False,
+    progress: Optional[TextIO] = sys.stderr,
+) -> ConversionReport:
+    """Convert the checkpoint at ``src`` into folder ``out`` (our layout, or back to diffusers).
+
+    Streams one tensor at a time, re-reads and checks every written tensor, then moves the
+    folder into place. ``src`` is never modified.
+    """
+    if to not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {to!r}")
+    target_dtype = resolve_dtype(dtype)
+    max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
+    checkpoint = open_checkpoint(src, from_format, config_path)
+    names = rename_keys(checkpoint.tensors, "to_diffusers") if to == "diffusers" else {k: k for k in checkpoint.tensors}
+    tensors = [
+        OutputTensor(names[k], lazy.read, output_dtype(k, lazy.dtype, target_dtype), tuple(lazy.shape))
+        for k, lazy in checkpoint.tensors.items()
+    ]
+    files = write_checkpoint(out, tensors, config_json(checkpoint, to), STEMS[to], max_bytes, force,
+                             sources=[src] + checkpoint.files, progress=progress)
+    return ConversionReport(checkpoint, out, files, sum(t.nbytes for t in tensors))
+
+
+def load_model(path: str, dtype: Union[str, torch.dtype, None] = None, device: Union[str, torch.device] = "cpu",
+               from_format: Optional[str] = None, config_path: Optional[str] = None) -> AnyFlowTransformer3DModel:
+    """Build an :class:`AnyFlowTransformer3DModel` from any supported checkpoint.
+
+    The model is built on the meta device and the checkpoint's tensors are assigned to it (no
+    random init, no second copy), one read at a time. ``dtype=None`` keeps the checkpoint's
+    compute dtype; in half precision the fp32 islands are float32 either way.
+    """
+    checkpoint = open_checkpoint(path, from_format, config_path)
+    dtype = resolve_dtype(dtype)
+    if dtype is None:
+        dtype = checkpoint.tensors["patch_embed.proj.weight"].dtype
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = AnyFlowTransformer3DModel(checkpoint.config)
+    state = {}
+    for name, lazy in checkpoint.tensors.items():
+        state[name] = lazy.read().to(device=device, dtype=output_dtype(name, lazy.dtype, dtype))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def save_model(model: AnyFlowTransformer3DModel, out: str, max_shard_size: Union[str, int] = "5GB",
+               force: bool = False) -> List[str]:
+    """Write ``model`` in our layout (``config.json`` + ``model.safetensors`` or shards) to folder ``out``."""
+    max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
+    state = model.state_dict()
+    tensors = [
+        OutputTensor(k, InMemoryTensor(k, v.detach().cpu()).read, v.dtype, tuple(v.shape)) for k, v in state.items()
+    ]
+    config = {"_class_name": "AnyFlowTransformer3DModel", "_format": "anyflow", **model.config.to_dict()}
+    return write_checkpoint(out, tensors, config, STEMS["anyflow"], max_bytes, force, progress=None)

@@ -1,0 +1,336 @@
+"""Finding, recognising and opening every checkpoint layout users hold, as one plan of our tensors.
+
+A :class:`Checkpoint` maps each of *our* parameter names to a lazy tensor (read on demand, one
+at a time) and carries the :class:`anyflow.AnyFlowConfig` it implies, with every shape checked.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import pickle
+import re
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+
+from anyflow.config import AnyFlowConfig
+
+from .names import WAN_WARM_START_COPIES
+from .safetensors_io import CheckpointError, TensorRecord, read_header, read_sharded
+from .state_dict import KeyMismatchError, rename_keys
+
+FORMATS = ("anyflow", "diffusers", "wan-diffusers", "wan-original")
+FORMAT_DESCRIPTIONS = {
+    "anyflow": "anyflow layout",
+    "diffusers": "AnyFlow, diffusers layout",
+    "wan-diffusers": "Wan2.1 T2V base, diffusers layout (AnyFlow warm start: target-time MLP = copy of source-time MLP)",
+    "wan-original": "Wan2.1 T2V base, original layout (AnyFlow warm start: target-time MLP = copy of source-time MLP)",
+}
+PT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+WAN_PREFIX = "model.diffusion_model."
+# diffusers WanTransformer3DModel config keys that AnyFlow does not have (refused when they matter).
+WAN_ONLY_CONFIG_KEYS = ("qk_norm", "added_kv_proj_dim", "pos_embed_seq_len")
+
+
+@dataclass(frozen=True)
+class InMemoryTensor:
+    """A tensor already loaded (from a ``.pt`` file), with the interface of a safetensors record."""
+
+    name: str
+    tensor: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensor.dtype
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
+
+    def read(self, handle=None) -> torch.Tensor:
+        return self.tensor
+
+
+LazyTensor = Union[TensorRecord, InMemoryTensor]
+
+
+@dataclass
+class Checkpoint:
+    """A recognised checkpoint: its format, config, and our-named lazy tensors (in a stable order)."""
+
+    path: str
+    format: str
+    container: str  # "safetensors", "sharded safetensors" or "torch .pt"
+    files: List[str]
+    config: AnyFlowConfig
+    tensors: Dict[str, LazyTensor] = field(default_factory=dict)
+    source_names: Dict[str, str] = field(default_factory=dict)  # our name -> name in the file
+
+    @property
+    def description(self) -> str:
+        return f"{FORMAT_DESCRIPTIONS[self.format]} ({self.container}, {len(self.files)} file(s))"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(math.prod(t.shape) for t in self.tensors.values())
+
+
+def locate(path: str) -> Tuple[str, List[str], Optional[str]]:
+    """Find the weight files under ``path``: (container, files, config.json path or None)."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or directory")
+    if os.path.isdir(path):
+        if os.path.isdir(os.path.join(path, "transformer")) and (
+            os.path.isfile(os.path.join(path, "model_index.json")) or not _weight_files(path)
+        ):
+            path = os.path.join(path, "transformer")  # a Hub snapshot root
+        config = os.path.join(path, "config.json")
+        config = config if os.path.isfile(config) else None
+        indexes = sorted(glob.glob(os.path.join(path, "*.safetensors.index.json")))
+        if len(indexes) > 1:
+            raise CheckpointError(f"{path}: several index files {[os.path.basename(i) for i in indexes]}; pass one")
+        if indexes:
+            return "sharded safetensors", indexes, config
+        files = _weight_files(path)
+        if len(files) != 1:
+            found = [os.path.basename(f) for f in files]
+            raise CheckpointError(
+                f"{path}: expected one .safetensors or .pt weight file (or a *.safetensors.index.json), found {found}"
+            )
+        return ("torch .pt" if files[0].endswith(PT_SUFFIXES) else "safetensors"), files, config
+    config = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    config = config if os.path.isfile(config) else None
+    if path.endswith(".safetensors.index.json"):
+        return "sharded safetensors", [path], config
+    if path.endswith(".safetensors"):
+        return "safetensors", [path], config
+    if path.endswith(PT_SUFFIXES):
+        return "torch .pt", [path], None
+    raise CheckpointError(f"{path}: not a .safetensors, .safetensors.index.json or .pt/.pth/.ckpt/.bin file")
+
+
+def _weight_files(folder: str) -> List[str]:
+    return sorted(
+        f for f in glob.glob(os.path.join(folder, "*"))
+        if os.path.isfile(f) and (f.endswith(".safetensors") or f.endswith(PT_SUFFIXES))
+    )
+
+
+def load_pt(path: str) -> Dict[str, InMemoryTensor]:
+    """Tensors of an authors' training ``.pt`` (its ``ema`` entry, or a bare state dict).
+
+    Loaded with ``weights_only=True``: a file that needs pickled code to load is refused and
+    none of that code runs.
+    """
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: refused: loading it would execute pickled code, which weights_only=True forbids "
+            f"(nothing was executed). Detail: {reason[:300]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, TypeError,
+            IndexError, KeyError, UnicodeDecodeError, struct.error) as exc:
+        raise CheckpointError(f"{path}: corrupt or truncated torch checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if isinstance(obj, Mapping) and "ema" in obj:
+        obj = obj["ema"]
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        keys = sorted(map(str, obj))[:10] if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointError(f"{path}: expected a state dict of tensors or a dict with an 'ema' state dict, found {keys}")
+    return {str(k): InMemoryTensor(str(k), v) for k, v in obj.items()}
+
+
+def read_tensors(container: str, files: List[str]) -> Dict[str, LazyTensor]:
+    """Lazy tensors of the located files, by their names in the file."""
+    if container == "sharded safetensors":
+        return dict(read_sharded(files[0]))
+    if container == "safetensors":
+        return dict(read_header(files[0])[0])
+    return dict(load_pt(files[0]))
+
+
+def detect_format(keys: List[str]) -> str:
+    """Recognise the naming of a checkpoint from its keys; refuse FAR and I2V checkpoints."""
+    keyset = set(keys)
+    far = sorted(k for k in keys if k.startswith("far_patch_embedding"))
+    if far:
+        raise CheckpointError(
+            f"this is an AnyFlow FAR (causal, frame-autoregressive) checkpoint ({far[0]} ...); "
+            "this model is the bidirectional AnyFlow transformer and does not take it"
+        )
+    i2v = sorted(k for k in keys if re.search(r"(add_[kv]_proj|norm_added_k|\.k_img\.|\.v_img\.|norm_k_img|^img_emb\.)", k))
+    if i2v:
+        raise CheckpointError(
+            f"this is a Wan2.1 image-to-video checkpoint ({i2v[0]} ...); this model is text-to-video "
+            "(AnyFlow) and does not take its separate image key/value projections"
+        )
+    if "patch_embed.proj.weight" in keyset:
+        return "anyflow"
+    if "condition_embedder.delta_embedder.linear_1.weight" in keyset:
+        return "diffusers"
+    if "condition_embedder.time_embedder.linear_1.weight" in keyset:
+        return "wan-diffusers"
+    if "time_embedding.0.weight" in keyset:
+        return "wan-original"
+    raise CheckpointError(f"unrecognised checkpoint: no AnyFlow or Wan2.1 keys among {sorted(keys)[:8]}")
+
+
+def to_our_names(fmt: str, tensors: Dict[str, LazyTensor]) -> Tuple[Dict[str, LazyTensor], Dict[str, str]]:
+    """Rename (and for Wan, warm-start) lazy tensors to our names: (ours -> tensor, ours -> source name)."""
+    named = dict(tensors)
+    origin = {k: k for k in named}
+    if fmt == "anyflow":
+        rename_keys(named, "to_diffusers")  # checks the set of keys against the table
+        return named, origin
+    if fmt == "wan-original":
+        mapping = rename_keys(named, "wan_original_to_diffusers")
+        named = {mapping[k]: v for k, v in named.items()}
+        origin = {mapping[k]: k for k in origin}
+    if fmt in ("wan-original", "wan-diffusers"):
+        present = sorted(k for k in WAN_WARM_START_COPIES if k in named)
+        if present:
+            raise CheckpointError(f"a Wan2.1 base checkpoint should have no target-time MLP, found {present}")
+        for copy, original in WAN_WARM_START_COPIES.items():
+            if original in named:
+                named[copy] = named[original]
+                origin[copy] = origin[original]
+    mapping = rename_keys(named, "to_anyflow")
+    return {mapping[k]: v for k, v in named.items()}, {mapping[k]: origin[k] for k in named}
+
+
+def infer_config(shapes: Mapping[str, Tuple[int, ...]]) -> Dict[str, object]:
+    """Config values readable from our-named tensor shapes (SPEC section 3); the rest keep defaults.
+
+    Heads are taken as D / 128, the head dim of the released models.
+    """
+    hidden, in_channels, pt, ph, pw = shapes["patch_embed.proj.weight"]
+    if hidden % 128:
+        raise CheckpointError(
+            f"cannot infer the head count: hidden size {hidden} is not a multiple of 128; pass --config"
+        )
+    config = dict(
+        patch_size=(pt, ph, pw),
+        num_attention_heads=hidden // 128,
+        attention_head_dim=128,
+        in_channels=in_channels,
+        out_channels=shapes["head.proj.weight"][0] // (pt * ph * pw),
+        text_dim=shapes["text_proj.fc_in.weight"][1],
+        freq_dim=shapes["time_embed.source_time_mlp.fc_in.weight"][1],
+        ffn_dim=shapes["blocks.0.ffn.fc_in.weight"][0],
+        num_layers=1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("blocks.")),
+        cross_attn_norm="blocks.0.cross_attn_norm.weight" in shapes,
+    )
+    if "image_proj.norm_in.weight" in shapes:
+        config["image_dim"] = shapes["image_proj.norm_in.weight"][0]
+    return config
+
+
+def read_config_file(path: str) -> Dict[str, object]:
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            config = json.load(f)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: corrupt config JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: a config must be a JSON object")
+    return config
+
+
+def config_from_file(fmt: str, raw: Dict[str, object], path: str) -> AnyFlowConfig:
+    """A diffusers-style (AnyFlow or Wan) config dict -> AnyFlowConfig."""
+    raw = dict(raw)
+    if fmt == "wan-diffusers" or raw.get("_class_name") == "WanTransformer3DModel":
+        if raw.get("added_kv_proj_dim") or raw.get("image_dim"):
+            raise CheckpointError(f"{path}: a Wan2.1 image-to-video config (image inputs); this model is text-to-video")
+        for key in WAN_ONLY_CONFIG_KEYS:
+            raw.pop(key, None)
+    try:
+        return AnyFlowConfig.from_dict(raw)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def check_shapes(config: AnyFlowConfig, tensors: Mapping[str, LazyTensor], source_names: Mapping[str, str]) -> None:
+    """Every tensor's shape against the model the config describes; errors list key and both shapes."""
+    from anyflow.model import AnyFlowTransformer3DModel
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in AnyFlowTransformer3DModel(config).state_dict().items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise KeyMismatchError(
+            f"checkpoint keys do not match the config: missing {[source_names.get(k, k) for k in missing][:20]}, "
+            f"unexpected {[source_names[k] for k in unexpected][:20]}"
+        )
+    wrong = [
+        f"{source_names[k]}: checkpoint {list(tensors[k].shape)} vs config {list(expected[k])}"
+        for k in expected
+        if tuple(tensors[k].shape) != expected[k]
+    ]
+    if wrong:
+        raise KeyMismatchError(f"shape mismatch: {'; '.join(wrong[:10])}" + (f" (and {len(wrong) - 10} more)" if len(wrong) > 10 else ""))
+    bad_dtype = [source_names[k] for k, t in tensors.items() if not t.dtype.is_floating_point]
+    if bad_dtype:
+        raise CheckpointError(f"non-floating-point tensors: {bad_dtype[:10]}")
+
+
+def open_checkpoint(path: str, fmt: Optional[str] = None, config_path: Optional[str] = None) -> Checkpoint:
+    """Recognise and open any supported checkpoint at ``path`` (file or folder).
+
+    ``fmt`` forces one of :data:`FORMATS`; ``config_path`` (a diffusers-style config JSON) overrides the
+    config found beside the weights or inferred from their shapes.
+    """
+    if fmt is not None and fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    container, files, found_config = locate(path)
+    raw = read_tensors(container, files)
+    if raw and all(k.startswith(WAN_PREFIX) for k in raw):
+        raw = {k[len(WAN_PREFIX):]: v for k, v in raw.items()}
+    detected = detect_format(list(raw))
+    fmt = fmt or detected
+    try:
+        tensors, source_names = to_our_names(fmt, raw)
+    except KeyMismatchError as exc:
+        raise KeyMismatchError(f"{files[0]} ({FORMAT_DESCRIPTIONS[fmt]}): {exc}") from None
+    if config_path is not None:
+        config = config_from_file(fmt, read_config_file(config_path), config_path)
+    elif found_config is not None and fmt in ("anyflow", "diffusers", "wan-diffusers"):
+        config = config_from_file(fmt, read_config_file(found_config), found_config)
+    else:
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        try:
+            config = AnyFlowConfig(**infer_config(shapes))
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{files[0]}: cannot infer the config from tensor shapes ({exc}); pass --config") from None
+    check_shapes(config, tensors, source_names)
+    ordered = {k: tensors[k] for k in sorted(tensors, key=_natural_key)}
+    if container == "sharded safetensors":
+        files = files + sorted({t.path for t in raw.values()})
+    return Checkpoint(os.path.abspath(path), fmt, container, files, config, ordered, source_names)
+
+
+def _natural_key(name: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
