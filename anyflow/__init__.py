@@ -1,16 +1,30 @@
 """AnyFlow: the video flow-map transformer in plain PyTorch.
 
     from anyflow import AnyFlowConfig, AnyFlowTransformer3DModel
+
+Names are imported on first use, so ``import anyflow`` (and the ``anyflow`` command's help)
+does not pay for importing torch.
 """
 
-from .config import PRESETS, AnyFlowConfig
-from .model import FP32_ISLANDS, AnyFlowTransformer3DModel, PreparedContext, Transformer3DOutput
+import importlib
 
-__all__ = [
-    "AnyFlowConfig",
-    "AnyFlowTransformer3DModel",
-    "FP32_ISLANDS",
-    "PRESETS",
-    "PreparedContext",
-    "Transformer3DOutput",
-]
+_EXPORTS = {
+    "AnyFlowConfig": "config",
+    "PRESETS": "config",
+    "AnyFlowTransformer3DModel": "model",
+    "FP32_ISLANDS": "model",
+    "PreparedContext": "model",
+    "Transformer3DOutput": "model",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'anyflow' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -129,13 +129,13 @@ class AnyFlowTransformer3DModel(nn.Module):
         device and the tensors are assigned. ``dtype`` None keeps the checkpoint's dtype; a half
         dtype keeps the fp32 islands in float32. Reading is done by :mod:`weights_convert`.
         """
-        from weights_convert.convert import load_model  # the converter owns every file format
+        from weights_convert.conversion import load_model  # the converter owns every file format
 
         return load_model(path, dtype=dtype, device=device)
 
     def save_pretrained(self, path: str, max_shard_size: str = "5GB", force: bool = False) -> None:
         """Write our layout to folder ``path``: ``config.json`` and ``model.safetensors`` (or shards)."""
-        from weights_convert.convert import save_model
+        from weights_convert.conversion import save_model
 
         save_model(self, path, max_shard_size=max_shard_size, force=force)
 

@@ -1,5 +1,31 @@
-"""Checkpoint conversion between the diffusers AnyFlow layout and the ``anyflow`` modules."""
+"""Checkpoint conversion between every AnyFlow / Wan2.1 layout and the ``anyflow`` modules.
 
-from .state_dict import KeyMismatchError, convert_state_dict, export_state_dict, rename_keys
+    from weights_convert import convert_state_dict, export_state_dict, convert
 
-__all__ = ["KeyMismatchError", "convert_state_dict", "export_state_dict", "rename_keys"]
+Names are imported on first use, so the ``anyflow-convert`` help does not import torch.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "KeyMismatchError": "state_dict",
+    "convert_state_dict": "state_dict",
+    "export_state_dict": "state_dict",
+    "rename_keys": "state_dict",
+    "CheckpointError": "safetensors_io",
+    "open_checkpoint": "sources",
+    "convert": "conversion",
+    "load_model": "conversion",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'weights_convert' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,383 @@
+"""weights_convert end to end: every source layout, both targets, dtypes, shards, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from anyflow import AnyFlowTransformer3DModel
+from weights_convert import CheckpointError, KeyMismatchError, convert, open_checkpoint
+from weights_convert.cli import main as convert_main
+from weights_convert.safetensors_io import read_header, write_file
+
+from conftest import random_inputs, randomize_, require_oracle, small_config
+
+# head dim 128 so that the head count can be inferred from shapes, as for the released models
+CONFIG = small_config(num_attention_heads=1, attention_head_dim=128, image_dim=None)
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """A Hub-style snapshot (model_index.json + sharded transformer/) of a random oracle, and the oracle."""
+    Oracle = require_oracle()
+    oracle = Oracle(**CONFIG.to_dict()).eval()
+    randomize_(oracle, 7)
+    root = tmp_path_factory.mktemp("hub") / "snapshot"
+    oracle.save_pretrained(root / "transformer", max_shard_size="200KB")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "AnyFlowPipeline"}))
+    return root, oracle
+
+
+def velocity(model, config=CONFIG, seed=0):
+    latents, t, r, text, image = random_inputs(config, batch=2, seed=seed)
+    with torch.no_grad():
+        return model(latents, t, r, text, image).sample
+
+
+def listing(folder):
+    return sorted(os.listdir(folder))
+
+
+def test_hub_snapshot_converts_and_matches_the_oracle(hub, tmp_path, capsys):
+    root, oracle = hub
+    assert len([f for f in os.listdir(root / "transformer") if f.endswith(".safetensors")]) > 1
+    before = {f: (root / "transformer" / f).read_bytes() for f in os.listdir(root / "transformer")}
+    assert convert_main([str(root), str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "detected: AnyFlow, diffusers layout (sharded safetensors" in printed and "every tensor verified" in printed
+    assert listing(tmp_path / "out") == ["config.json", "model.safetensors"]
+    model = AnyFlowTransformer3DModel.from_pretrained(str(tmp_path / "out"))
+    assert model.config == CONFIG
+    assert (velocity(model) - velocity(oracle)).abs().max() <= 1e-5 * velocity(oracle).abs().max()
+    assert {f: (root / "transformer" / f).read_bytes() for f in os.listdir(root / "transformer")} == before
+
+
+@pytest.mark.parametrize("where", ["root", "transformer", "single_file"])
+def test_from_pretrained_reads_diffusers_directly(hub, tmp_path, where):
+    root, oracle = hub
+    if where == "single_file":
+        single = tmp_path / "single"
+        oracle.save_pretrained(single)
+        path = single / "diffusion_pytorch_model.safetensors"
+    else:
+        path = root if where == "root" else root / "transformer"
+    model = AnyFlowTransformer3DModel.from_pretrained(str(path))
+    assert torch.equal(velocity(model), velocity(AnyFlowTransformer3DModel.from_pretrained(str(root))))
+    assert not any(name.startswith(".") for name in os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_keeps_fp32_islands_in_files_and_models(hub, tmp_path, dtype):
+    root, _ = hub
+    convert(str(root), str(tmp_path / "out"), dtype=dtype, progress=None)
+    records, _ = read_header(str(tmp_path / "out" / "model.safetensors"))
+    fp32 = sorted(k for k, r in records.items() if r.dtype == torch.float32)
+    assert fp32 == sorted(k for k in records if k.startswith("time_embed.source_time_mlp") or k.endswith("modulation")
+                          or ".cross_attn_norm." in k)
+    assert {r.dtype for k, r in records.items() if k not in fp32} == {getattr(torch, dtype)}
+    model = AnyFlowTransformer3DModel.from_pretrained(str(tmp_path / "out"))
+    assert model.dtype == getattr(torch, dtype) and model.head.modulation.dtype == torch.float32
+    loaded = AnyFlowTransformer3DModel.from_pretrained(str(root), dtype=torch.bfloat16)
+    assert loaded.blocks[0].modulation.dtype == torch.float32 and loaded.blocks[0].ffn.fc_in.weight.dtype == torch.bfloat16
+
+
+def test_back_to_diffusers_loads_in_the_oracle_with_equal_outputs(hub, tmp_path):
+    Oracle = require_oracle()
+    root, oracle = hub
+    convert(str(root), str(tmp_path / "ours"), progress=None)
+    convert(str(tmp_path / "ours"), str(tmp_path / "back"), to="diffusers", max_shard_size="100KB", progress=None)
+    files = listing(tmp_path / "back")
+    assert "diffusion_pytorch_model.safetensors.index.json" in files and "diffusion_pytorch_model-00001-of-" in files[1]
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config["_class_name"] == "AnyFlowTransformer3DModel"
+    reloaded = Oracle.from_pretrained(str(tmp_path / "back")).eval()
+    assert torch.equal(velocity(reloaded), velocity(oracle))
+
+
+def test_sharded_output_and_save_pretrained(hub, tmp_path):
+    root, _ = hub
+    report = convert(str(root), str(tmp_path / "out"), max_shard_size="150KB", progress=None)
+    assert "model.safetensors.index.json" in report.files and len(report.files) > 3
+    model = AnyFlowTransformer3DModel.from_pretrained(str(tmp_path / "out"))
+    model.save_pretrained(str(tmp_path / "saved"))
+    again = AnyFlowTransformer3DModel.from_pretrained(str(tmp_path / "saved"))
+    assert torch.equal(velocity(model), velocity(again))
+    with pytest.raises(CheckpointError, match="already exists; pass --force"):
+        model.save_pretrained(str(tmp_path / "saved"))
+
+
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_authors_pt_with_inferred_config(hub, tmp_path, wrapped):
+    root, oracle = hub
+    state = oracle.state_dict()
+    torch.save({"ema": state, "step": 1000} if wrapped else state, tmp_path / "ckpt.pt")
+    checkpoint = open_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert checkpoint.container == "torch .pt" and checkpoint.config == CONFIG  # inferred from shapes
+    convert(str(tmp_path / "ckpt.pt"), str(tmp_path / "out"), progress=None)
+    model = AnyFlowTransformer3DModel.from_pretrained(str(tmp_path / "out"))
+    assert torch.equal(velocity(model), velocity(AnyFlowTransformer3DModel.from_pretrained(str(root))))
+
+
+def test_config_override_for_a_pt(hub, tmp_path):
+    root, oracle = hub
+    torch.save({"ema": oracle.state_dict()}, tmp_path / "ckpt.pt")
+    (tmp_path / "config.json").write_text(json.dumps({**CONFIG.to_dict(), "gate_value": 0.5, "deltatime_type": "t-r"}))
+    checkpoint = open_checkpoint(str(tmp_path / "ckpt.pt"), config_path=str(tmp_path / "config.json"))
+    assert checkpoint.config.gate_value == 0.5 and checkpoint.config.deltatime_type == "t-r"
+    (tmp_path / "bad.json").write_text(json.dumps({**CONFIG.to_dict(), "ffn_dim": 64}))
+    with pytest.raises(KeyMismatchError, match=r"blocks.0.ffn.net.0.proj.weight: checkpoint \[48, 128\] vs config \[64, 128\]"):
+        open_checkpoint(str(tmp_path / "ckpt.pt"), config_path=str(tmp_path / "bad.json"))
+
+
+def wan_base(tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    require_oracle()
+    config = {k: v for k, v in CONFIG.to_dict().items() if k not in ("gate_value", "deltatime_type")}
+    wan = WanTransformer3DModel(**config).eval()
+    randomize_(wan, 11)
+    wan.save_pretrained(tmp_path / "wan")
+    return wan
+
+
+def wan_and_warm_started_velocities(wan, model, seed=0):
+    """Wan(x, t) and the warm-started AnyFlow(x, t, r=t), one timestep per sample."""
+    latents, t, _, text, _ = random_inputs(CONFIG, batch=2, seed=seed)
+    with torch.no_grad():
+        ref = wan(latents.transpose(1, 2), t[:, 0], text).sample.transpose(1, 2)
+        return model(latents, t[:, 0], t[:, 0], text).sample, ref
+
+
+def to_wan_original(state):
+    """diffusers Wan names -> the original Wan2.1 names (the inverse of diffusers' own single-file table)."""
+    from weights_convert.names import WAN_ORIGINAL_PER_BLOCK, WAN_ORIGINAL_TOP
+
+    top = {v: k for g in WAN_ORIGINAL_TOP.values() for k, v in g.items()}
+    block = {v: k for g in WAN_ORIGINAL_PER_BLOCK.values() for k, v in g.items()}
+    out = {}
+    for key, value in state.items():
+        if key.startswith("blocks."):
+            _, index, rest = key.split(".", 2)
+            out[f"blocks.{index}.{block[rest]}"] = value
+        else:
+            out[top[key]] = value
+    return out
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "original", "original_prefixed"])
+def test_wan_base_warm_start_equals_wan_when_r_equals_t(tmp_path, layout):
+    wan = wan_base(tmp_path)
+    source = tmp_path / "wan"
+    if layout != "diffusers":
+        prefix = "model.diffusion_model." if layout == "original_prefixed" else ""
+        original = {prefix + k: v.contiguous() for k, v in to_wan_original(wan.state_dict()).items()}
+        source = tmp_path / "wan_original.safetensors"
+        write_file(str(source), sorted(original.items()))
+    checkpoint = open_checkpoint(str(source))
+    assert checkpoint.format == ("wan-diffusers" if layout == "diffusers" else "wan-original")
+    convert(str(source), str(tmp_path / "out"), progress=None)
+    model = AnyFlowTransformer3DModel.from_pretrained(str(tmp_path / "out"))
+    for a, b in zip(model.time_embed.source_time_mlp.parameters(), model.time_embed.target_time_mlp.parameters()):
+        assert torch.equal(a, b)
+    assert (model.config.gate_value, model.config.deltatime_type) == (0.25, "r")
+    ours, ref = wan_and_warm_started_velocities(wan, model)
+    assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_far_and_i2v_checkpoints_are_refused(hub, tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    root, oracle = hub
+    state = {k: v.contiguous() for k, v in oracle.state_dict().items()}
+    write_file(str(tmp_path / "far.safetensors"), sorted({**state, "far_patch_embedding.weight": torch.zeros(2)}.items()))
+    with pytest.raises(CheckpointError, match=r"AnyFlow FAR .*far_patch_embedding.weight .*does not take it"):
+        open_checkpoint(str(tmp_path / "far.safetensors"))
+    config = {k: v for k, v in CONFIG.to_dict().items() if k not in ("gate_value", "deltatime_type")}
+    WanTransformer3DModel(**{**config, "image_dim": 8, "added_kv_proj_dim": 128}).save_pretrained(tmp_path / "i2v")
+    with pytest.raises(CheckpointError, match=r"Wan2.1 image-to-video checkpoint"):
+        open_checkpoint(str(tmp_path / "i2v"))
+
+
+def test_inspect_reads_headers(hub, capsys):
+    from anyflow.cli import main
+
+    root, _ = hub
+    assert main(["inspect", str(root)]) == 0
+    printed = capsys.readouterr().out
+    assert "format: AnyFlow, diffusers layout (sharded safetensors" in printed
+    assert "parameters: " in printed and "float32" in printed and "'num_layers': 2" in printed
+
+
+# ---- bad input: nothing lost, nothing half-written ---------------------------------------------
+
+
+def run_cli(args, capsys):
+    code = convert_main([str(a) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, (err[-1] if err else "")
+
+
+def test_out_exists_needs_force_and_force_replaces_only_after_success(hub, tmp_path, capsys):
+    root, _ = hub
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, err = run_cli([root, out], capsys)
+    assert code == 1 and "already exists; pass --force" in err and (out / "keep.txt").exists()
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    code, err = run_cli([broken, out, "--force"], capsys)
+    assert code == 1 and "corrupt safetensors header" in err and (out / "keep.txt").read_text() == "precious"
+    assert run_cli([root, out, "--force"], capsys)[0] == 0
+    assert listing(out) == ["config.json", "model.safetensors"]
+    assert listing(tmp_path) == ["broken.safetensors", "out"]  # no partial or replaced folders left
+
+
+def test_src_equal_to_or_inside_out_is_refused(hub, tmp_path, capsys):
+    root, _ = hub
+    copy = tmp_path / "snap"
+    shutil.copytree(root, copy)
+    code, err = run_cli([copy, copy, "--force"], capsys)
+    assert code == 1 and "the source is OUT itself" in err
+    code, err = run_cli([copy / "transformer", copy, "--force"], capsys)
+    assert code == 1 and "the source is inside OUT" in err
+    assert os.path.isfile(copy / "transformer" / "config.json")
+
+
+def test_index_naming_a_missing_or_outside_shard_is_refused(hub, tmp_path):
+    root, _ = hub
+    copy = tmp_path / "t"
+    shutil.copytree(root / "transformer", copy)
+    index_path = copy / "diffusion_pytorch_model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    key = next(iter(index["weight_map"]))
+    for shard, message in [("../outside.safetensors", "not a file in the index's own folder; refused"),
+                           ("/etc/passwd", "not a file in the index's own folder; refused"),
+                           ("nope.safetensors", "names shard 'nope.safetensors', which does not exist")]:
+        index["weight_map"][key] = shard
+        index_path.write_text(json.dumps(index))
+        with pytest.raises(CheckpointError, match=message):
+            open_checkpoint(str(copy))
+
+
+def test_truncated_and_corrupt_files_name_the_file(hub, tmp_path):
+    root, oracle = hub
+    oracle.save_pretrained(tmp_path / "single")
+    path = tmp_path / "single" / "diffusion_pytorch_model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match=rf"{path}: truncated: the header describes {len(data)} bytes"):
+        open_checkpoint(str(path))
+    path.write_bytes(b"\xff" * 8 + data[8:])
+    with pytest.raises(CheckpointError, match=rf"{path}: corrupt safetensors header length"):
+        open_checkpoint(str(path))
+
+
+def test_missing_unexpected_and_misshapen_keys(hub, tmp_path):
+    _, oracle = hub
+    state = {k: v.contiguous() for k, v in oracle.state_dict().items()}
+    cases = {
+        "missing": ({k: v for k, v in state.items() if k != "blocks.1.attn2.to_v.bias"}, r"missing keys: blocks.1.attn2.to_v.bias"),
+        "unexpected": ({**state, "blocks.0.extra.weight": torch.zeros(1)}, r"unmapped keys: blocks.0.extra.weight"),
+        "shape": ({**state, "blocks.1.attn1.to_q.bias": torch.zeros(7)}, r"blocks.1.attn1.to_q.bias: checkpoint \[7\] vs config \[128\]"),
+    }
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG.to_dict()))
+    for name, (tensors, message) in cases.items():
+        write_file(str(tmp_path / f"{name}.safetensors"), sorted(tensors.items()))
+        with pytest.raises(KeyMismatchError, match=message):
+            open_checkpoint(str(tmp_path / f"{name}.safetensors"))
+
+
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_pt_with_pickled_code_is_refused_and_not_executed(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"ema": {"patch_embedding.weight": torch.zeros(1)}, "payload": Boom()}, tmp_path / "evil.pt")
+    code, err = run_cli([tmp_path / "evil.pt", tmp_path / "out"], capsys)
+    assert code == 1 and "refused: loading it would execute pickled code" in err and "nothing was executed" in err
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "out").exists()
+
+
+def test_killed_conversion_leaves_no_out_and_a_rerun_succeeds(hub, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, _ = hub
+    out = tmp_path / "out"
+    slow = (
+        "import sys, time, weights_convert.writer as w\n"
+        "real = w.tensor_bytes\n"
+        "w.tensor_bytes = lambda t: (time.sleep(0.05), real(t))[1]\n"
+        "from weights_convert.cli import main\n"
+        f"sys.exit(main([{str(root)!r}, {str(out)!r}]))\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", slow], cwd=os.path.dirname(os.path.dirname(__file__)))
+    deadline = time.time() + 60
+    while not any(".partial-" in n for n in os.listdir(tmp_path)) and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists() and any(".partial-" in n for n in os.listdir(tmp_path))
+    convert(str(root), str(out), progress=None)
+    assert listing(tmp_path) == ["out"] and listing(out) == ["config.json", "model.safetensors"]
+
+
+def test_fuzzed_headers_indexes_and_pt_files_end_in_clear_errors(hub, tmp_path, capsys):
+    """Random corruption of every kind of input file: always exit 1 with a one-line reason, or success."""
+    import random
+
+    root, oracle = hub
+    rng = random.Random(1234)
+    single = tmp_path / "single"
+    oracle.save_pretrained(single)
+    torch.save({"ema": oracle.state_dict()}, tmp_path / "good.pt")
+    originals = {
+        "safetensors": (single / "diffusion_pytorch_model.safetensors").read_bytes(),
+        "index": (root / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_bytes(),
+        "pt": (tmp_path / "good.pt").read_bytes(),
+    }
+    outcomes = {"error": 0, "ok": 0}
+    for trial in range(60):
+        kind = ["safetensors", "index", "pt"][trial % 3]
+        data = bytearray(originals[kind])
+        header_end = 8 + int.from_bytes(originals["safetensors"][:8], "little") if kind == "safetensors" else len(data)
+        for _ in range(rng.randint(1, 4)):
+            op = rng.choice(["flip", "truncate", "insert"])
+            at = rng.randrange(0, min(len(data), header_end + 16))
+            if op == "flip":
+                data[at] = rng.randrange(256)
+            elif op == "truncate":
+                del data[at:]
+                if not data:
+                    break
+            else:
+                data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+        case = tmp_path / f"case{trial}"
+        if kind == "index":
+            shutil.copytree(root / "transformer", case)
+            (case / "diffusion_pytorch_model.safetensors.index.json").write_bytes(bytes(data))
+            src = case
+        else:
+            case.mkdir()
+            src = case / ("model.safetensors" if kind == "safetensors" else "ckpt.pt")
+            src.write_bytes(bytes(data))
+        code = convert_main([str(src), str(tmp_path / f"out{trial}")])
+        err = capsys.readouterr().err.strip().splitlines()
+        if code == 0:
+            outcomes["ok"] += 1
+            continue
+        outcomes["error"] += 1
+        assert code == 1 and len(err) == 1 and err[0].startswith("anyflow-convert: error: "), (kind, err)
+        assert "Traceback" not in err[0]
+        assert not (tmp_path / f"out{trial}").exists()
+    assert outcomes["error"] >= 30

@@ -1,0 +1,56 @@
+"""``anyflow-convert SRC OUT``: convert a checkpoint into our layout or back to diffusers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import List, Optional
+
+FORMATS = ("anyflow", "diffusers", "wan-diffusers", "wan-original")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anyflow-convert",
+        description="Convert an AnyFlow or Wan2.1 checkpoint (Hub diffusers snapshot, transformer folder, "
+        "single or sharded safetensors, authors' .pt, Wan2.1 base) into the anyflow layout, or back to "
+        "diffusers. Streams one tensor at a time, verifies what it wrote, and never touches SRC.",
+    )
+    parser.add_argument("src", metavar="SRC", help="checkpoint file or folder")
+    parser.add_argument("out", metavar="OUT", help="output folder (must not exist unless --force)")
+    parser.add_argument("--from", dest="from_format", choices=FORMATS, help="force the source naming (default: detected)")
+    parser.add_argument("--to", choices=("anyflow", "diffusers"), default="anyflow", help="output layout (default anyflow)")
+    parser.add_argument("--dtype", choices=("keep", "float32", "bfloat16", "float16"), default="keep",
+                        help="output dtype; fp32 islands stay float32 in half precision (default keep)")
+    parser.add_argument("--max-shard-size", default="5GB", help="shard the output above this size (default 5GB)")
+    parser.add_argument("--config", dest="config_path", metavar="FILE",
+                        help="diffusers-style config JSON overriding the found or inferred config")
+    parser.add_argument("--force", action="store_true", help="replace OUT (only after the new one is complete)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .conversion import convert  # imports torch: after argument parsing, so --help stays quick
+    from .safetensors_io import CheckpointError
+
+    start = time.perf_counter()
+    try:
+        report = convert(args.src, args.out, from_format=args.from_format, to=args.to, dtype=args.dtype,
+                         max_shard_size=args.max_shard_size, config_path=args.config_path, force=args.force,
+                         progress=sys.stderr)
+    except (CheckpointError, ValueError, OSError) as exc:
+        print(f"anyflow-convert: error: {exc}", file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - start
+    source = report.source
+    print(f"detected: {source.description}")
+    print(f"config: {source.config.to_dict()}")
+    print(f"wrote {args.to} layout to {report.out}: {', '.join(report.files)} "
+          f"({report.nbytes_written / 1e9:.3f} GB in {seconds:.1f} s, every tensor verified)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
