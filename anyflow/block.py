@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import CrossAttention, SelfAttention
-from .norms import LayerNormFP32, layer_norm_fp32
+from .norms import LayerNormFP32, layer_norm_fp32, modulation_table
 
 
 class FeedForward(nn.Module):
@@ -60,7 +60,7 @@ class DiTBlock(nn.Module):
         self.cross_attn_norm: Optional[LayerNormFP32] = LayerNormFP32(hidden_size, eps) if cross_attn_norm else None
         self.cross_attn = CrossAttention(hidden_size, num_heads, eps)
         self.ffn = FeedForward(hidden_size, ffn_dim)
-        self.modulation = nn.Parameter(torch.randn(1, 6, hidden_size) / hidden_size**0.5)
+        self.modulation = modulation_table(6, hidden_size)
 
     def forward(
         self,

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from .block import DiTBlock, modulate
 from .config import AnyFlowConfig
 from .context import ImageProjection, TextProjection
+from .norms import modulation_table
 from .patchify import PatchEmbed, unpatchify
 from .rope import rope_cos_sin
 from .timestep import DualTimestepEmbedding
@@ -62,7 +63,7 @@ class OutputHead(nn.Module):
     def __init__(self, hidden_size: int, out_channels: int, patch_size: Tuple[int, int, int], eps: float):
         super().__init__()
         self.eps = eps
-        self.modulation = nn.Parameter(torch.randn(1, 2, hidden_size) / hidden_size**0.5)
+        self.modulation = modulation_table(2, hidden_size)
         self.proj = nn.Linear(hidden_size, out_channels * math.prod(patch_size))
 
     def forward(self, x: torch.Tensor, rt: torch.Tensor) -> torch.Tensor:

@@ -315,8 +315,8 @@ def test_killed_conversion_leaves_no_out_and_a_rerun_succeeds(hub, tmp_path):
     out = tmp_path / "out"
     slow = (
         "import sys, time, weights_convert.writer as w\n"
-        "real = w.tensor_bytes\n"
-        "w.tensor_bytes = lambda t: (time.sleep(0.05), real(t))[1]\n"
+        "real = w._converted_bytes\n"
+        "w._converted_bytes = lambda *a, **k: (time.sleep(0.05), real(*a, **k))[1]\n"
         "from weights_convert.cli import main\n"
         f"sys.exit(main([{str(root)!r}, {str(out)!r}]))\n"
     )

@@ -10,6 +10,7 @@ import torch
 
 from anyflow.model import AnyFlowTransformer3DModel, is_fp32_island
 
+from .safetensors_io import TensorRecord, map_records
 from .sources import Checkpoint, InMemoryTensor, open_checkpoint
 from .state_dict import rename_keys
 from .writer import OutputTensor, parse_size, write_checkpoint
@@ -78,10 +79,11 @@ def convert(
     max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
     checkpoint = open_checkpoint(src, from_format, config_path)
     names = rename_keys(checkpoint.tensors, "to_diffusers") if to == "diffusers" else {k: k for k in checkpoint.tensors}
-    tensors = [
-        OutputTensor(names[k], lazy.read, output_dtype(k, lazy.dtype, target_dtype), tuple(lazy.shape))
-        for k, lazy in checkpoint.tensors.items()
-    ]
+    tensors = []
+    for k, lazy in checkpoint.tensors.items():
+        dtype = output_dtype(k, lazy.dtype, target_dtype)
+        same_bytes = lazy if isinstance(lazy, TensorRecord) and dtype == lazy.dtype else None
+        tensors.append(OutputTensor(names[k], lazy.read, dtype, tuple(lazy.shape), same_bytes))
     files = write_checkpoint(out, tensors, config_json(checkpoint, to), STEMS[to], max_bytes, force,
                              sources=[src] + checkpoint.files, progress=progress)
     return ConversionReport(checkpoint, out, files, sum(t.nbytes for t in tensors))
@@ -92,19 +94,23 @@ def load_model(path: str, dtype: Union[str, torch.dtype, None] = None, device: U
     """Build an :class:`AnyFlowTransformer3DModel` from any supported checkpoint.
 
     The model is built on the meta device and the checkpoint's tensors are assigned to it (no
-    random init, no second copy), one read at a time. ``dtype=None`` keeps the checkpoint's
-    compute dtype; in half precision the fp32 islands are float32 either way.
+    random init, no second copy). Safetensors files are mapped copy-on-write, so a tensor that
+    needs no cast or move is read from disk only when first used, and the file never changes.
+    ``dtype=None`` keeps the checkpoint's compute dtype; in half precision the fp32 islands are
+    float32 either way.
     """
     checkpoint = open_checkpoint(path, from_format, config_path)
     dtype = resolve_dtype(dtype)
     if dtype is None:
         dtype = checkpoint.tensors["patch_embed.proj.weight"].dtype
     device = torch.device(device)
-    with torch.device("meta"):
-        model = AnyFlowTransformer3DModel(checkpoint.config)
+    model = checkpoint.skeleton
+    records = [lazy for lazy in checkpoint.tensors.values() if isinstance(lazy, TensorRecord)]
+    mapped = map_records(records)
     state = {}
     for name, lazy in checkpoint.tensors.items():
-        state[name] = lazy.read().to(device=device, dtype=output_dtype(name, lazy.dtype, dtype))
+        tensor = mapped[lazy.name] if isinstance(lazy, TensorRecord) else lazy.read()
+        state[name] = tensor.to(device=device, dtype=output_dtype(name, lazy.dtype, dtype))
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 

@@ -57,6 +57,26 @@ class TensorRecord:
         return tensor
 
 
+def map_records(records: Iterable[TensorRecord]) -> Dict[str, torch.Tensor]:
+    """Tensors backed by a private (copy-on-write) mapping of their files: nothing is read until used.
+
+    For loading a model, whose weights must be resident anyway; changes to the tensors never
+    reach the file. A tensor whose offset is not aligned to its dtype is read instead.
+    """
+    storages: Dict[str, torch.UntypedStorage] = {}
+    tensors = {}
+    for record in records:
+        element = torch.empty((), dtype=record.dtype).element_size()
+        if record.offset % element or not record.nbytes:
+            tensors[record.name] = record.read()
+            continue
+        if record.path not in storages:
+            storages[record.path] = torch.UntypedStorage.from_file(record.path, False, os.path.getsize(record.path))
+        tensor = torch.empty(0, dtype=record.dtype)
+        tensors[record.name] = tensor.set_(storages[record.path], record.offset // element, record.shape)
+    return tensors
+
+
 def read_header(path: str) -> Tuple[Dict[str, TensorRecord], Dict[str, str]]:
     """Parse and check a safetensors header: (records by name, ``__metadata__``).
 

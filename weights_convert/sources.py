@@ -75,6 +75,7 @@ class Checkpoint:
     config: AnyFlowConfig
     tensors: Dict[str, LazyTensor] = field(default_factory=dict)
     source_names: Dict[str, str] = field(default_factory=dict)  # our name -> name in the file
+    skeleton: Optional[torch.nn.Module] = None  # the model on the meta device, as checked
 
     @property
     def description(self) -> str:
@@ -272,12 +273,18 @@ def config_from_file(fmt: str, raw: Dict[str, object], path: str) -> AnyFlowConf
         raise CheckpointError(f"{path}: {exc}") from None
 
 
-def check_shapes(config: AnyFlowConfig, tensors: Mapping[str, LazyTensor], source_names: Mapping[str, str]) -> None:
-    """Every tensor's shape against the model the config describes; errors list key and both shapes."""
+def check_shapes(
+    config: AnyFlowConfig, tensors: Mapping[str, LazyTensor], source_names: Mapping[str, str]
+) -> torch.nn.Module:
+    """Every tensor's shape against the model the config describes; errors list key and both shapes.
+
+    Returns that model, built on the meta device (no memory), for a loader to fill.
+    """
     from anyflow.model import AnyFlowTransformer3DModel
 
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in AnyFlowTransformer3DModel(config).state_dict().items()}
+        skeleton = AnyFlowTransformer3DModel(config)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -295,6 +302,7 @@ def check_shapes(config: AnyFlowConfig, tensors: Mapping[str, LazyTensor], sourc
     bad_dtype = [source_names[k] for k, t in tensors.items() if not t.dtype.is_floating_point]
     if bad_dtype:
         raise CheckpointError(f"non-floating-point tensors: {bad_dtype[:10]}")
+    return skeleton
 
 
 def open_checkpoint(path: str, fmt: Optional[str] = None, config_path: Optional[str] = None) -> Checkpoint:
@@ -325,11 +333,11 @@ def open_checkpoint(path: str, fmt: Optional[str] = None, config_path: Optional[
             config = AnyFlowConfig(**infer_config(shapes))
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{files[0]}: cannot infer the config from tensor shapes ({exc}); pass --config") from None
-    check_shapes(config, tensors, source_names)
+    skeleton = check_shapes(config, tensors, source_names)
     ordered = {k: tensors[k] for k in sorted(tensors, key=_natural_key)}
     if container == "sharded safetensors":
         files = files + sorted({t.path for t in raw.values()})
-    return Checkpoint(os.path.abspath(path), fmt, container, files, config, ordered, source_names)
+    return Checkpoint(os.path.abspath(path), fmt, container, files, config, ordered, source_names, skeleton)
 
 
 def _natural_key(name: str):

@@ -14,24 +14,32 @@ import shutil
 import sys
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, TextIO
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, TextIO, TypeVar
 
 import torch
 
-from .safetensors_io import CheckpointError, header_bytes, read_header, tensor_bytes
+from .safetensors_io import CheckpointError, TensorRecord, header_bytes, read_header, tensor_bytes
 
 CHUNK = 64 * 1024 * 1024
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
 class OutputTensor:
-    """One tensor to write: its name in the output, where it comes from, its output dtype."""
+    """One tensor to write: its name in the output, where it comes from, its output dtype.
+
+    ``same_bytes_as`` names a file range holding exactly the bytes to write (a tensor renamed,
+    not cast): it is then copied inside the kernel, as ``cp`` does, and checked against that range.
+    """
 
     name: str
     read: Callable[[], torch.Tensor]
     dtype: torch.dtype
     shape: tuple
+    same_bytes_as: Optional[TensorRecord] = None
 
     @property
     def nbytes(self) -> int:
@@ -73,6 +81,23 @@ class Progress:
             pct = 100.0 * self.done / max(self.total, 1)
             print(f"  {self.label}: {pct:5.1f}%  {self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB  {rate:.0f} MB/s",
                   file=self.stream, flush=True)
+
+
+def prefetched(items: Iterable[T], produce: Callable[[T], R]) -> Iterator[R]:
+    """``produce(item)`` for each item in order, the next one computed in a background thread.
+
+    At most two results exist at once (the one being consumed and the next), so memory stays
+    bounded by twice the largest item while reading overlaps writing.
+    """
+    with ThreadPoolExecutor(1) as pool:
+        upcoming = None
+        for item in items:
+            current, upcoming = upcoming, pool.submit(produce, item)
+            if current is not None:
+                yield current.result()
+                del current
+        if upcoming is not None:
+            yield upcoming.result()
 
 
 def shard(tensors: Sequence[OutputTensor], max_shard_bytes: int) -> List[List[OutputTensor]]:
@@ -159,19 +184,21 @@ def _write_all(folder, tensors, config, stem, max_shard_bytes, progress) -> List
     )
     total = sum(t.nbytes for t in tensors)
     writing = Progress(total, "write", progress if total > 256 * 2**20 else None)
-    checksums: Dict[str, int] = {}
-    for file_name, members in zip(names, shards):
-        with open(os.path.join(folder, file_name), "wb") as f:
-            f.write(header_bytes([(t.name, t.dtype, t.shape) for t in members], {"format": "pt"}))
-            for t in members:
-                value = t.read()
-                if tuple(value.shape) != tuple(t.shape):
-                    raise CheckpointError(f"{t.name}: read shape {list(value.shape)}, expected {list(t.shape)}")
-                data = tensor_bytes(value.to(t.dtype))
-                checksums[t.name] = zlib.crc32(data)
-                f.write(data)
-                del value, data
-                writing.advance(t.nbytes)
+    checksums: Dict[str, object] = {}  # name -> CRC-32 of the bytes written, or the source range to compare
+    with SourceFiles() as sources:
+        for file_name, members in zip(names, shards):
+            with open(os.path.join(folder, file_name), "wb", buffering=0) as f:
+                f.write(header_bytes([(t.name, t.dtype, t.shape) for t in members], {"format": "pt"}))
+                for t, data, crc in prefetched(members, _converted_bytes):
+                    if data is None and sources.copy(t.same_bytes_as, f):
+                        checksums[t.name] = t.same_bytes_as
+                    else:
+                        if data is None:  # no in-kernel copy here: read and write instead
+                            t, data, crc = _converted_bytes(t, raw_copy=False)
+                        checksums[t.name] = crc
+                        f.write(data)
+                    del data
+                    writing.advance(t.nbytes)
     if len(shards) > 1:
         index = {"metadata": {"total_size": total},
                  "weight_map": {t.name: file_name for file_name, members in zip(names, shards) for t in members}}
@@ -179,6 +206,56 @@ def _write_all(folder, tensors, config, stem, max_shard_bytes, progress) -> List
     _write_json(os.path.join(folder, "config.json"), config)
     _verify(folder, names, shards, checksums, Progress(total, "verify", writing.stream))
     return names + ([f"{stem}.safetensors.index.json"] if len(shards) > 1 else []) + ["config.json"]
+
+
+class SourceFiles:
+    """Open source files, for in-kernel copies of byte ranges into the output."""
+
+    def __init__(self):
+        self.fds: Dict[str, int] = {}
+        self.kernel_copy = hasattr(os, "copy_file_range")
+
+    def __enter__(self) -> "SourceFiles":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+
+    def copy(self, record: TensorRecord, out) -> bool:
+        """Append ``record``'s bytes to the unbuffered file ``out``; False if the kernel cannot."""
+        if not self.kernel_copy:
+            return False
+        if record.path not in self.fds:
+            self.fds[record.path] = os.open(record.path, os.O_RDONLY)
+        offset, left = record.offset, record.nbytes
+        try:
+            while left:
+                copied = os.copy_file_range(self.fds[record.path], out.fileno(), left, offset)
+                if copied == 0:
+                    raise CheckpointError(f"{record.path}: truncated while reading {record.name!r}")
+                offset += copied
+                left -= copied
+        except OSError:
+            if left != record.nbytes:  # part written: cannot fall back within this file
+                raise
+            self.kernel_copy = False
+            return False
+        return True
+
+
+def _converted_bytes(t: OutputTensor, raw_copy: bool = True):
+    """Read one tensor, cast it to its output dtype: (tensor, its bytes, their CRC-32).
+
+    A tensor to be copied as raw bytes is not read here: (tensor, None, None).
+    """
+    if raw_copy and t.same_bytes_as is not None:
+        return t, None, None
+    value = t.read()
+    if tuple(value.shape) != tuple(t.shape):
+        raise CheckpointError(f"{t.name}: read shape {list(value.shape)}, expected {list(t.shape)}")
+    data = tensor_bytes(value.to(t.dtype))
+    return t, data, zlib.crc32(data)
 
 
 def _write_json(path: str, obj) -> None:
@@ -189,29 +266,58 @@ def _write_json(path: str, obj) -> None:
 
 def _verify(folder, names, shards, checksums, progress: Progress) -> None:
     """Re-read every written file: header as planned, each tensor's bytes equal to what was converted."""
-    buffer = bytearray(CHUNK)
+    jobs = []
     for file_name, members in zip(names, shards):
         path = os.path.join(folder, file_name)
         records, _ = read_header(path)
         if list(records) != [t.name for t in members]:
             raise CheckpointError(f"{path}: verification failed: written tensors differ from the plan")
-        with open(path, "rb") as f:
-            for t in members:
-                record = records[t.name]
-                if record.dtype != t.dtype or record.shape != tuple(t.shape):
-                    raise CheckpointError(f"{path}: verification failed for {t.name!r}: dtype or shape differs")
-                f.seek(record.offset)
-                crc, left = 0, record.nbytes
-                view = memoryview(buffer)
-                while left:
-                    got = f.readinto(view[: min(CHUNK, left)])
-                    if not got:
-                        raise CheckpointError(f"{path}: verification failed: {t.name!r} is truncated")
-                    crc = zlib.crc32(view[:got], crc)
-                    left -= got
-                if crc != checksums[t.name]:
-                    raise CheckpointError(f"{path}: verification failed: {t.name!r} differs from the source after writing")
-                progress.advance(t.nbytes)
+        for t in members:
+            record = records[t.name]
+            if record.dtype != t.dtype or record.shape != tuple(t.shape):
+                raise CheckpointError(f"{path}: verification failed for {t.name!r}: dtype or shape differs")
+            jobs.append((path, record, checksums[t.name]))
+
+    def matches(job) -> bool:
+        path, record, expected = job
+        if isinstance(expected, TensorRecord):
+            return _ranges_equal(path, record, expected)
+        return _file_crc(path, record) == expected
+
+    with ThreadPoolExecutor(2) as pool:  # two readers: one compares while the other waits on the disk
+        for (path, record, _), ok in zip(jobs, pool.map(matches, jobs)):
+            if not ok:
+                raise CheckpointError(f"{path}: verification failed: {record.name!r} differs from the source after writing")
+            progress.advance(record.nbytes)
+
+
+def _chunks(path: str, record: TensorRecord) -> Iterator[bytes]:
+    """A tensor's stored bytes, in chunks, read with pread."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset, left = record.offset, record.nbytes
+        while left:
+            chunk = os.pread(fd, min(CHUNK, left), offset)
+            if not chunk:
+                raise CheckpointError(f"{path}: verification failed: {record.name!r} is truncated")
+            yield chunk
+            offset += len(chunk)
+            left -= len(chunk)
+    finally:
+        os.close(fd)
+
+
+def _file_crc(path: str, record: TensorRecord) -> int:
+    """CRC-32 of one tensor's bytes as stored in ``path``."""
+    crc = 0
+    for chunk in _chunks(path, record):
+        crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _ranges_equal(path: str, record: TensorRecord, source: TensorRecord) -> bool:
+    """Whether a written tensor's bytes equal its source range, byte for byte."""
+    return all(a == b for a, b in zip(_chunks(path, record), _chunks(source.path, source)))
 
 
 def _move_into_place(partial: str, out: str) -> None:
