@@ -15,6 +15,8 @@ _EXPORTS = {
     "FP32_ISLANDS": "model",
     "PreparedContext": "model",
     "Transformer3DOutput": "model",
+    "sample": "sampling",
+    "flow_map_sigmas": "sampling",
 }
 
 __all__ = sorted(_EXPORTS)

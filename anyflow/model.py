@@ -258,13 +258,14 @@ class AnyFlowTransformer3DModel(nn.Module):
             )
 
     def _timestep_grid(self, value: TimestepLike, name: str, batch: int, frames: int) -> torch.Tensor:
-        """A number, 0-d, (B,) or (B, F) timestep -> finite float32 (B, F) on the model's device."""
+        """A number, 0-d, (B,) or (B, F) timestep -> finite float (B, F) on the model's device."""
         if isinstance(value, bool) or not isinstance(value, (torch.Tensor, numbers.Real)):
             raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
         tensor = torch.as_tensor(value, device=self.device)
         if tensor.is_complex() or tensor.dtype == torch.bool:
             raise TypeError(f"{name} must be real-valued, got dtype {tensor.dtype}")
-        tensor = tensor.float()
+        # float64 stays float64 until the sinusoid, so that t - r is formed as precisely as given
+        tensor = tensor.to(torch.float64 if tensor.dtype == torch.float64 else torch.float32)
         if tensor.dim() == 1:
             tensor = tensor[:, None]  # (B,) -> (B, 1): one timestep per sample
         try:
