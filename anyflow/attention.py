@@ -12,14 +12,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear, computes_in_fp32
 from .norms import RMSNorm
 from .rope import apply_rope
 
 
 def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q (B, Lq, H, d), k and v (B, Lk, H, d) -> (B, Lq, H*d)."""
+    """q (B, Lq, H, d), k and v (B, Lk, H, d) -> (B, Lq, H*d).
+
+    Half-precision inputs on a CPU without native half units are attended in float32
+    (see :mod:`anyflow.linear`), the result rounded back once.
+    """
+    dtype = q.dtype
+    if computes_in_fp32(q):
+        q, k, v = q.float(), k.float(), v.float()
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).flatten(2)
+    return out.transpose(1, 2).flatten(2).to(dtype)
 
 
 class SelfAttention(nn.Module):
@@ -28,17 +36,18 @@ class SelfAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, eps: float):
         super().__init__()
         self.num_heads = num_heads
-        self.q = nn.Linear(hidden_size, hidden_size)
-        self.k = nn.Linear(hidden_size, hidden_size)
-        self.v = nn.Linear(hidden_size, hidden_size)
-        self.o = nn.Linear(hidden_size, hidden_size)
+        self.q = Linear(hidden_size, hidden_size)
+        self.k = Linear(hidden_size, hidden_size)
+        self.v = Linear(hidden_size, hidden_size)
+        self.o = Linear(hidden_size, hidden_size)
         self.norm_q = RMSNorm(hidden_size, eps)
         self.norm_k = RMSNorm(hidden_size, eps)
 
-    def forward(self, x: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """x (B, L, D), rope the (L, 1, d/2, 2) rotations of :func:`anyflow.rope.rope_rotations`."""
         heads = (self.num_heads, -1)
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(2, heads), *rope)  # (B, L, H, d)
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(2, heads), *rope)
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(2, heads), rope)  # (B, L, H, d)
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(2, heads), rope)
         v = self.v(x).unflatten(2, heads)
         return self.o(multi_head_attention(q, k, v))
 
@@ -49,10 +58,10 @@ class CrossAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, eps: float):
         super().__init__()
         self.num_heads = num_heads
-        self.q = nn.Linear(hidden_size, hidden_size)
-        self.k = nn.Linear(hidden_size, hidden_size)
-        self.v = nn.Linear(hidden_size, hidden_size)
-        self.o = nn.Linear(hidden_size, hidden_size)
+        self.q = Linear(hidden_size, hidden_size)
+        self.k = Linear(hidden_size, hidden_size)
+        self.v = Linear(hidden_size, hidden_size)
+        self.o = Linear(hidden_size, hidden_size)
         self.norm_q = RMSNorm(hidden_size, eps)
         self.norm_k = RMSNorm(hidden_size, eps)
 

@@ -19,19 +19,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import CrossAttention, SelfAttention
+from .linear import Linear
 from .norms import LayerNormFP32, layer_norm_fp32, modulation_table
 
 
 class FeedForward(nn.Module):
-    """Linear(D -> ffn_dim), GELU (tanh), Linear(ffn_dim -> D)."""
+    """Linear(D -> ffn_dim), GELU (tanh), Linear(ffn_dim -> D).
+
+    Applied to ``tokens_per_chunk`` tokens at a time: the map is per token, so chunking changes
+    nothing but the size of the (tokens, ffn_dim) hidden activation, the largest tensor of a block.
+    """
+
+    tokens_per_chunk = 4096
 
     def __init__(self, hidden_size: int, ffn_dim: int):
         super().__init__()
-        self.fc_in = nn.Linear(hidden_size, ffn_dim)
-        self.fc_out = nn.Linear(ffn_dim, hidden_size)
+        self.fc_in = Linear(hidden_size, ffn_dim)
+        self.fc_out = Linear(ffn_dim, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc_out(F.gelu(self.fc_in(x), approximate="tanh"))
+        chunks = x.split(self.tokens_per_chunk, dim=1)
+        outs = [self.fc_out(F.gelu(self.fc_in(chunk), approximate="tanh")) for chunk in chunks]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
@@ -39,14 +48,15 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: flo
     b, length, d = x.shape
     frames = shift.shape[1]
     normed = layer_norm_fp32(x, eps).view(b, frames, length // frames, d)  # (B, F, T, D)
-    return (normed * (1 + scale) + shift).view(b, length, d).to(x.dtype)
+    return torch.addcmul(shift, normed, 1 + scale).view(b, length, d).to(x.dtype)
 
 
 def gated_residual(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``x + update * gate`` in float32 per frame; x and update (B, L, D), gate (B, F, 1, D)."""
     b, length, d = x.shape
     frames = gate.shape[1]
-    out = x.float().view(b, frames, -1, d) + update.float().view(b, frames, -1, d) * gate
+    # one fused kernel; it computes in float32 (the gate is float32) whatever the dtype of x
+    out = torch.addcmul(x.view(b, frames, -1, d), update.view(b, frames, -1, d), gate)
     return out.view(b, length, d).to(x.dtype)
 
 
@@ -67,9 +77,9 @@ class DiTBlock(nn.Module):
         x: torch.Tensor,
         context_kv: Tuple[torch.Tensor, torch.Tensor],
         mod: torch.Tensor,
-        rope: Tuple[torch.Tensor, torch.Tensor],
+        rope: torch.Tensor,
     ) -> torch.Tensor:
-        """x (B, L, D); context_kv from ``cross_attn.context_kv``; mod (B, F, 6, D); rope from ``rope_cos_sin``."""
+        """x (B, L, D); context_kv from ``cross_attn.context_kv``; mod (B, F, 6, D); rope from ``rope_rotations``."""
         m = (self.modulation.float() + mod.float()).unsqueeze(3)  # (B, F, 6, 1, D)
         shift1, scale1, gate1, shift2, scale2, gate2 = m.unbind(2)  # each (B, F, 1, D)
 

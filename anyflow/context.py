@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
 from .norms import LayerNormFP32
 
 
@@ -14,8 +15,8 @@ class TextProjection(nn.Module):
 
     def __init__(self, text_dim: int, hidden_size: int):
         super().__init__()
-        self.fc_in = nn.Linear(text_dim, hidden_size)
-        self.fc_out = nn.Linear(hidden_size, hidden_size)
+        self.fc_in = Linear(text_dim, hidden_size)
+        self.fc_out = Linear(hidden_size, hidden_size)
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
         return self.fc_out(F.gelu(self.fc_in(text), approximate="tanh"))
@@ -31,8 +32,8 @@ class ImageProjection(nn.Module):
     def __init__(self, image_dim: int, hidden_size: int):
         super().__init__()
         self.norm_in = LayerNormFP32(image_dim, eps=1e-5)
-        self.fc_in = nn.Linear(image_dim, image_dim)
-        self.fc_out = nn.Linear(image_dim, hidden_size)
+        self.fc_in = Linear(image_dim, image_dim)
+        self.fc_out = Linear(image_dim, hidden_size)
         self.norm_out = LayerNormFP32(hidden_size, eps=1e-5)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:

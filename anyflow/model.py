@@ -14,9 +14,10 @@ from torch.utils.checkpoint import checkpoint
 from .block import DiTBlock, modulate
 from .config import AnyFlowConfig
 from .context import ImageProjection, TextProjection
+from .linear import Linear
 from .norms import modulation_table
 from .patchify import PatchEmbed, unpatchify
-from .rope import rope_cos_sin
+from .rope import rope_rotations
 from .timestep import DualTimestepEmbedding
 
 # Parameters kept in float32 when the model is held in half precision (matched on whole
@@ -64,7 +65,7 @@ class OutputHead(nn.Module):
         super().__init__()
         self.eps = eps
         self.modulation = modulation_table(2, hidden_size)
-        self.proj = nn.Linear(hidden_size, out_channels * math.prod(patch_size))
+        self.proj = Linear(hidden_size, out_channels * math.prod(patch_size))
 
     def forward(self, x: torch.Tensor, rt: torch.Tensor) -> torch.Tensor:
         """x (B, L, D), rt (B, F, D) -> (B, L, ph*pw*C_out)."""
@@ -202,7 +203,7 @@ class AnyFlowTransformer3DModel(nn.Module):
 
         x = self.patch_embed(hidden_states.to(self.device, self.dtype))  # (B, L, D)
         rt, mod = self.time_embed(t, r, self.dtype)  # (B, F, D), (B, F, 6, D)
-        rope = rope_cos_sin(grid, self.config.attention_head_dim, x.device)
+        rope = rope_rotations(grid, self.config.attention_head_dim, x.device)  # (L, 1, d/2, 2)
         for block, kv in zip(self.blocks, context.kv):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, kv, mod, rope, use_reentrant=False)

@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .linear import linear
 
 
 class PatchEmbed(nn.Module):
@@ -32,7 +33,7 @@ class PatchEmbed(nn.Module):
         patches = patches.permute(0, 1, 3, 5, 2, 4, 6)  # (B, F, h, w, C, ph, pw)
         patches = patches.reshape(b, f * (h // ph) * (w // pw), c * ph * pw)  # (B, L, C*ph*pw)
         weight = self.proj.weight.flatten(1)  # (D, C*pt*ph*pw), pt = 1
-        return F.linear(patches, weight, self.proj.bias)
+        return linear(patches, weight, self.proj.bias)
 
 
 def unpatchify(tokens: torch.Tensor, grid: Tuple[int, int, int], patch_size: Tuple[int, int, int]) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 A head of dimension d holds d/2 rotation pairs (x[2i], x[2i+1]). They are split
 ``[d/2 - 2*(d//6), d//6, d//6]`` over the frame, row and column axes. An axis with n pairs
-rotates pair j by ``position * theta^(-j/n)``. Angles are formed in float64 and the rotation
-is applied in float32, then cast back.
+rotates pair j by ``position * theta^(-j/n)``. Angles are formed in float64; the rotation runs in
+float32: in eager mode as one complex multiply (each pair viewed as a complex number, one
+kernel), under ``torch.compile`` as the same product in real arithmetic, which inductor fuses
+(it generates no complex code).
 """
 
 from __future__ import annotations
@@ -19,10 +21,8 @@ def rope_axis_pairs(head_dim: int) -> Tuple[int, int, int]:
     return head_dim // 2 - 2 * spatial, spatial, spatial
 
 
-def rope_cos_sin(
-    grid: Tuple[int, int, int], head_dim: int, device: torch.device, theta: float = 10000.0
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cosines and sines of every token's rotation angles, each (L, 1, head_dim/2) float32.
+def rope_rotations(grid: Tuple[int, int, int], head_dim: int, device: torch.device, theta: float = 10000.0) -> torch.Tensor:
+    """Every token's rotations as (cos, sin) pairs, (L, 1, head_dim/2, 2) float32.
 
     ``grid`` is the patch grid (F, h, w); tokens are in (frame, row, column) order.
     """
@@ -40,12 +40,16 @@ def rope_cos_sin(
         ],
         dim=-1,
     ).reshape(f * h * w, 1, head_dim // 2)  # (L, 1, d/2): one rotation for every head
-    return per_token.cos().float(), per_token.sin().float()
+    return torch.stack((per_token.cos(), per_token.sin()), dim=-1).float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the pairs of ``x`` (B, L, heads, d) by the angles of :func:`rope_cos_sin`."""
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs (x[2i], x[2i+1]) of ``x`` (B, L, heads, d) by :func:`rope_rotations`."""
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, L, heads, d/2, 2)
-    even, odd = pairs.unbind(-1)
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    if torch.compiler.is_compiling():
+        even, odd = pairs.unbind(-1)
+        cos, sin = rotations.unbind(-1)
+        rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    else:
+        rotated = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rotations))
     return rotated.flatten(-2).to(x.dtype)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
+
 
 def timestep_sinusoid(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """(N,) timesteps in [0, 1000] -> (N, dim) float32 embedding ``[cos(a), sin(a)]``.
@@ -33,8 +35,8 @@ class TimestepMLP(nn.Module):
 
     def __init__(self, freq_dim: int, hidden_size: int):
         super().__init__()
-        self.fc_in = nn.Linear(freq_dim, hidden_size)
-        self.fc_out = nn.Linear(hidden_size, hidden_size)
+        self.fc_in = Linear(freq_dim, hidden_size)
+        self.fc_out = Linear(hidden_size, hidden_size)
 
     def forward(self, sinusoid: torch.Tensor) -> torch.Tensor:
         sinusoid = sinusoid.to(self.fc_in.weight.dtype)
@@ -56,7 +58,7 @@ class DualTimestepEmbedding(nn.Module):
         self.deltatime_type = deltatime_type
         self.source_time_mlp = TimestepMLP(freq_dim, hidden_size)
         self.target_time_mlp = TimestepMLP(freq_dim, hidden_size)
-        self.modulation_proj = nn.Linear(hidden_size, 6 * hidden_size)
+        self.modulation_proj = Linear(hidden_size, 6 * hidden_size)
 
     def forward(
         self, timestep: torch.Tensor, r_timestep: torch.Tensor, dtype: torch.dtype

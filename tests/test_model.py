@@ -176,3 +176,13 @@ def test_patch_grid_longer_than_rope_table_is_refused():
 def test_to_dtype_refuses_integer_dtypes(model):
     with pytest.raises(TypeError, match="floating point"):
         model.to_dtype(torch.int8)
+
+
+def test_torch_compile_fullgraph_matches_eager(model):
+    """No graph breaks (fullgraph=True raises on one), and the compiled forward is within the fp32 bar."""
+    latents, t, r, text, _ = random_inputs(model.config, batch=2)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        eager = model(latents, t, r, text).sample
+        fast = compiled(latents, t, r, text).sample
+    assert (fast - eager).abs().max() <= 1e-5 * eager.abs().max()
