@@ -6,7 +6,7 @@ Names are imported on first use, so ``import anyflow`` (and the ``anyflow`` comm
 does not pay for importing torch.
 """
 
-import importlib
+from .lazy import lazy_exports
 
 _EXPORTS = {
     "AnyFlowConfig": "config",
@@ -20,13 +20,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module 'anyflow' has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -17,17 +17,25 @@ from .norms import RMSNorm
 from .rope import apply_rope
 
 
+HEADS_PER_FP32_GROUP = 4
+
+
 def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q (B, Lq, H, d), k and v (B, Lk, H, d) -> (B, Lq, H*d).
 
     Half-precision inputs on a CPU without native half units are attended in float32
-    (see :mod:`anyflow.linear`), the result rounded back once.
+    (see :mod:`anyflow.linear`), a few heads at a time so that the float32 copies stay small,
+    each result rounded back once.
     """
-    dtype = q.dtype
-    if computes_in_fp32(q):
-        q, k, v = q.float(), k.float(), v.float()
+    if not computes_in_fp32(q):
+        return _attend(q, k, v)
+    groups = zip(*(t.split(HEADS_PER_FP32_GROUP, dim=2) for t in (q, k, v)))
+    return torch.cat([_attend(qg.float(), kg.float(), vg.float()).to(q.dtype) for qg, kg, vg in groups], dim=-1)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).flatten(2).to(dtype)
+    return out.transpose(1, 2).flatten(2)  # (B, Lq, heads*d)
 
 
 class SelfAttention(nn.Module):

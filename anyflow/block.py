@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import CrossAttention, SelfAttention
-from .linear import Linear
-from .norms import LayerNormFP32, layer_norm_fp32, modulation_table
+from .linear import Linear, computes_in_fp32
+from .norms import LayerNormFP32, layer_norm_fp32
 
 
 class FeedForward(nn.Module):
@@ -28,6 +28,8 @@ class FeedForward(nn.Module):
 
     Applied to ``tokens_per_chunk`` tokens at a time: the map is per token, so chunking changes
     nothing but the size of the (tokens, ffn_dim) hidden activation, the largest tensor of a block.
+    Half precision computed in float32 (:mod:`anyflow.linear`) holds that activation in both
+    dtypes and in float32 copies at once, so it takes a quarter as many tokens at a time.
     """
 
     tokens_per_chunk = 4096
@@ -38,9 +40,22 @@ class FeedForward(nn.Module):
         self.fc_out = Linear(ffn_dim, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        chunks = x.split(self.tokens_per_chunk, dim=1)
+        tokens = self.tokens_per_chunk // (4 if computes_in_fp32(self.fc_in.weight) else 1)
+        chunks = x.split(tokens, dim=1)
         outs = [self.fc_out(F.gelu(self.fc_in(chunk), approximate="tanh")) for chunk in chunks]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def modulation_table(rows: int, hidden_size: int) -> nn.Parameter:
+    """A (1, rows, D) adaLN table drawn from N(0, 1/D).
+
+    On the meta device nothing is drawn: random ops there go through torch's Python reference
+    kernels, whose first use imports the compiler stack (seconds), for values that are never read.
+    """
+    table = torch.empty(1, rows, hidden_size)
+    if not table.is_meta:
+        table.normal_(std=hidden_size**-0.5)
+    return nn.Parameter(table)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:

@@ -11,11 +11,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .block import DiTBlock, modulate
+from .block import DiTBlock, modulate, modulation_table
 from .config import AnyFlowConfig
 from .context import ImageProjection, TextProjection
 from .linear import Linear
-from .norms import modulation_table
 from .patchify import PatchEmbed, unpatchify
 from .rope import rope_rotations
 from .timestep import DualTimestepEmbedding

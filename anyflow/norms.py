@@ -48,14 +48,3 @@ class RMSNorm(nn.Module):
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.to(self.weight.dtype) * self.weight
 
-
-def modulation_table(rows: int, hidden_size: int) -> nn.Parameter:
-    """A (1, rows, D) adaLN table drawn from N(0, 1/D).
-
-    On the meta device nothing is drawn: random ops there go through torch's Python reference
-    kernels, whose first use imports the compiler stack (seconds), for values that are never read.
-    """
-    table = torch.empty(1, rows, hidden_size)
-    if not table.is_meta:
-        table.normal_(std=hidden_size**-0.5)
-    return nn.Parameter(table)

@@ -7,7 +7,7 @@ import torch
 
 from anyflow import flow_map_sigmas, sample
 
-from conftest import oracle_and_ours, randomize_, require_oracle, small_config
+from conftest import oracle_and_ours, randomize_, small_config
 
 BAR = 1e-5  # max|ours - pipeline| <= BAR * max|pipeline|
 

@@ -5,7 +5,7 @@
 Names are imported on first use, so the ``anyflow-convert`` help does not import torch.
 """
 
-import importlib
+from anyflow.lazy import lazy_exports
 
 _EXPORTS = {
     "KeyMismatchError": "state_dict",
@@ -19,13 +19,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module 'weights_convert' has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -155,16 +155,23 @@ def header_bytes(entries: Iterable[Tuple[str, torch.dtype, Tuple[int, ...]]], me
     return struct.pack("<Q", len(raw)) + raw
 
 
-def read_index(path: str) -> Dict[str, str]:
-    """A ``*.safetensors.index.json``: its ``weight_map`` (key -> shard file), shards checked to stay in the folder."""
+def read_json_object(path: str, what: str) -> Dict[str, object]:
+    """A JSON file holding an object; unreadable or corrupt files raise :class:`CheckpointError` naming ``what``."""
     try:
         with open(path, "r", encoding="utf-8") as f:
-            index = json.load(f)
+            obj = json.load(f)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: corrupt index file ({exc})") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        raise CheckpointError(f"{path}: corrupt {what} ({exc})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: corrupt {what} (not a JSON object)")
+    return obj
+
+
+def read_index(path: str) -> Dict[str, str]:
+    """A ``*.safetensors.index.json``: its ``weight_map`` (key -> shard file), shards checked to stay in the folder."""
+    weight_map = read_json_object(path, "index file").get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{path}: corrupt index file (no 'weight_map' of key -> shard file)")
     folder = os.path.dirname(os.path.abspath(path))

@@ -7,7 +7,6 @@ at a time) and carries the :class:`anyflow.AnyFlowConfig` it implies, with every
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 import pickle
@@ -22,7 +21,7 @@ import torch
 from anyflow.config import AnyFlowConfig
 
 from .names import WAN_WARM_START_COPIES
-from .safetensors_io import CheckpointError, TensorRecord, read_header, read_sharded
+from .safetensors_io import CheckpointError, TensorRecord, read_header, read_json_object, read_sharded
 from .state_dict import KeyMismatchError, rename_keys
 
 FORMATS = ("anyflow", "diffusers", "wan-diffusers", "wan-original")
@@ -246,19 +245,6 @@ def infer_config(shapes: Mapping[str, Tuple[int, ...]]) -> Dict[str, object]:
     return config
 
 
-def read_config_file(path: str) -> Dict[str, object]:
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            config = json.load(f)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: corrupt config JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: a config must be a JSON object")
-    return config
-
-
 def config_from_file(fmt: str, raw: Dict[str, object], path: str) -> AnyFlowConfig:
     """A diffusers-style (AnyFlow or Wan) config dict -> AnyFlowConfig."""
     raw = dict(raw)
@@ -324,9 +310,9 @@ def open_checkpoint(path: str, fmt: Optional[str] = None, config_path: Optional[
     except KeyMismatchError as exc:
         raise KeyMismatchError(f"{files[0]} ({FORMAT_DESCRIPTIONS[fmt]}): {exc}") from None
     if config_path is not None:
-        config = config_from_file(fmt, read_config_file(config_path), config_path)
+        config = config_from_file(fmt, read_json_object(config_path, "config JSON"), config_path)
     elif found_config is not None and fmt in ("anyflow", "diffusers", "wan-diffusers"):
-        config = config_from_file(fmt, read_config_file(found_config), found_config)
+        config = config_from_file(fmt, read_json_object(found_config, "config JSON"), found_config)
     else:
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
         try:

@@ -292,17 +292,23 @@ def _verify(folder, names, shards, checksums, progress: Progress) -> None:
 
 
 def _chunks(path: str, record: TensorRecord) -> Iterator[bytes]:
-    """A tensor's stored bytes, in chunks, read with pread."""
+    """A tensor's stored bytes in chunks of exactly ``min(CHUNK, left)`` bytes, read with pread
+    (so two ranges of equal length chunk alike and can be compared chunk by chunk)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         offset, left = record.offset, record.nbytes
         while left:
-            chunk = os.pread(fd, min(CHUNK, left), offset)
-            if not chunk:
-                raise CheckpointError(f"{path}: verification failed: {record.name!r} is truncated")
-            yield chunk
-            offset += len(chunk)
-            left -= len(chunk)
+            want = min(CHUNK, left)
+            parts = []
+            while want:
+                part = os.pread(fd, want, offset)
+                if not part:
+                    raise CheckpointError(f"{path}: verification failed: {record.name!r} is truncated")
+                parts.append(part)
+                offset += len(part)
+                want -= len(part)
+                left -= len(part)
+            yield parts[0] if len(parts) == 1 else b"".join(parts)
     finally:
         os.close(fd)
 
