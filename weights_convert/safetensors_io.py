@@ -12,7 +12,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO, Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -40,18 +40,13 @@ class TensorRecord:
     offset: int  # absolute byte offset of the data in the file
     nbytes: int
 
-    def read(self, handle: Optional[BinaryIO] = None) -> torch.Tensor:
+    def read(self) -> torch.Tensor:
         """Read the tensor into fresh memory (one copy, no mapping)."""
         tensor = torch.empty(self.shape, dtype=self.dtype)
         buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if self.nbytes else memoryview(b"")
-        own = handle is None
-        f = open(self.path, "rb") if own else handle
-        try:
+        with open(self.path, "rb") as f:
             f.seek(self.offset)
             got = f.readinto(buffer) if self.nbytes else 0
-        finally:
-            if own:
-                f.close()
         if got != self.nbytes:
             raise CheckpointError(f"{self.path}: truncated while reading {self.name!r} ({got} of {self.nbytes} bytes)")
         return tensor

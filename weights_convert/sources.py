@@ -56,7 +56,7 @@ class InMemoryTensor:
     def nbytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()
 
-    def read(self, handle=None) -> torch.Tensor:
+    def read(self) -> torch.Tensor:
         return self.tensor
 
 
