@@ -13,7 +13,8 @@ import sys
 import time
 from typing import List, Optional
 
-FORMATS = ("anyflow", "diffusers", "wan-diffusers", "wan-original")
+from weights_convert.names import FORMATS
+
 PROMPT_KEY = "prompt_embeds"
 NEGATIVE_KEY = "negative_prompt_embeds"
 LATENTS_KEY = "latents"

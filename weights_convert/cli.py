@@ -7,7 +7,7 @@ import sys
 import time
 from typing import List, Optional
 
-FORMATS = ("anyflow", "diffusers", "wan-diffusers", "wan-original")
+from .names import FORMATS
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import Dict, Iterable, List, Mapping, Tuple
 
+# The namings a checkpoint can use (``--from``); this module imports no torch, so CLIs can list them cheaply.
+FORMATS = ("anyflow", "diffusers", "wan-diffusers", "wan-original")
+
 WB = ("weight", "bias")
 
 # (diffusers name, our name, parameter suffixes); a row without suffixes names a parameter itself.

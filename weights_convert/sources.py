@@ -20,11 +20,10 @@ import torch
 
 from anyflow.config import AnyFlowConfig
 
-from .names import WAN_WARM_START_COPIES
+from .names import FORMATS, WAN_WARM_START_COPIES
 from .safetensors_io import CheckpointError, TensorRecord, read_header, read_json_object, read_sharded
 from .state_dict import KeyMismatchError, rename_keys
 
-FORMATS = ("anyflow", "diffusers", "wan-diffusers", "wan-original")
 FORMAT_DESCRIPTIONS = {
     "anyflow": "anyflow layout",
     "diffusers": "AnyFlow, diffusers layout",
