@@ -68,12 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
 def run_inspect(args: argparse.Namespace) -> int:
     from collections import Counter
 
+    from weights_convert.safetensors_io import DTYPES
     from weights_convert.sources import open_checkpoint
 
     checkpoint = open_checkpoint(args.path, args.from_format)
     dtypes = Counter()
     for lazy in checkpoint.tensors.values():
-        dtypes[str(lazy.dtype).replace("torch.", "")] += lazy.nbytes
+        dtypes[DTYPES[lazy.dtype][1]] += lazy.nbytes
     print(f"path: {checkpoint.path}")
     print(f"format: {checkpoint.description}")
     print(f"files: {', '.join(checkpoint.files)}")

@@ -15,27 +15,12 @@ from .block import DiTBlock, modulate, modulation_table
 from .config import AnyFlowConfig
 from .context import ImageProjection, TextProjection
 from .linear import Linear
+from .parameters import is_fp32_island
 from .patchify import PatchEmbed, unpatchify
 from .rope import rope_rotations
 from .timestep import DualTimestepEmbedding
 
-# Parameters kept in float32 when the model is held in half precision (matched on whole
-# dotted name components): the source-time MLP, every modulation table, every affine norm.
-FP32_ISLANDS = (
-    "time_embed.source_time_mlp",
-    "modulation",
-    "cross_attn_norm",
-    "image_proj.norm_in",
-    "image_proj.norm_out",
-)
-
 TimestepLike = Union[torch.Tensor, numbers.Real]
-
-
-def is_fp32_island(param_name: str) -> bool:
-    """Whether a parameter of :class:`AnyFlowTransformer3DModel` stays float32 in half precision."""
-    dotted = f".{param_name}."
-    return any(f".{island}." in dotted for island in FP32_ISLANDS)
 
 
 @dataclass
@@ -80,7 +65,7 @@ class AnyFlowTransformer3DModel(nn.Module):
     ``z_r = z_t - (sigma_t - sigma_r) * u`` with ``t = 1000 * sigma``.
 
     Precision: hold the model in half precision with :meth:`to_dtype`, which keeps the
-    parameters named in :data:`FP32_ISLANDS` in float32. Inputs are cast to the model's dtype.
+    parameters named in :data:`anyflow.parameters.FP32_ISLANDS` in float32. Inputs are cast to the model's dtype.
     Set ``gradient_checkpointing = True`` to recompute each block in the backward pass.
     """
 
@@ -109,7 +94,7 @@ class AnyFlowTransformer3DModel(nn.Module):
         return self.patch_embed.proj.weight.device
 
     def to_dtype(self, dtype: torch.dtype) -> "AnyFlowTransformer3DModel":
-        """Cast in place to ``dtype``, keeping :data:`FP32_ISLANDS` in float32. Returns self.
+        """Cast in place to ``dtype``, keeping :data:`anyflow.parameters.FP32_ISLANDS` in float32. Returns self.
 
         This is the one supported way to hold the model in bfloat16 or float16.
         """

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -56,6 +58,37 @@ def test_hub_snapshot_converts_and_matches_the_oracle(hub, tmp_path, capsys):
     assert {f: (root / "transformer" / f).read_bytes() for f in os.listdir(root / "transformer")} == before
 
 
+def test_a_renaming_conversion_and_inspect_never_import_torch(hub, tmp_path):
+    root, _ = hub
+    code = (
+        "import sys\n"
+        "from weights_convert import convert\n"
+        "from anyflow.cli import main\n"
+        f"convert({str(root)!r}, {str(tmp_path / 'out')!r}, progress=None)\n"
+        f"assert main(['inspect', {str(tmp_path / 'out')!r}]) == 0\n"
+        "print('torch' in sys.modules)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert run.stdout.strip().splitlines()[-1] == "False"
+    model = AnyFlowTransformer3DModel.from_pretrained(str(tmp_path / "out"))
+    assert torch.equal(velocity(model), velocity(AnyFlowTransformer3DModel.from_pretrained(str(root))))
+
+
+def test_without_in_kernel_copies_bytes_are_read_and_written(hub, tmp_path, monkeypatch):
+    root, _ = hub
+
+    def unsupported(*args):
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(os, "copy_file_range", unsupported)
+    convert(str(root), str(tmp_path / "copied"), max_shard_size="300KB", progress=None)
+    monkeypatch.undo()
+    convert(str(root), str(tmp_path / "kernel"), max_shard_size="300KB", progress=None)
+    files = listing(tmp_path / "kernel")
+    assert len(files) > 3 and listing(tmp_path / "copied") == files
+    assert all((tmp_path / "copied" / f).read_bytes() == (tmp_path / "kernel" / f).read_bytes() for f in files)
+
+
 @pytest.mark.parametrize("where", ["root", "transformer", "single_file"])
 def test_from_pretrained_reads_diffusers_directly(hub, tmp_path, where):
     root, oracle = hub
@@ -75,10 +108,10 @@ def test_half_precision_keeps_fp32_islands_in_files_and_models(hub, tmp_path, dt
     root, _ = hub
     convert(str(root), str(tmp_path / "out"), dtype=dtype, progress=None)
     records, _ = read_header(str(tmp_path / "out" / "model.safetensors"))
-    fp32 = sorted(k for k, r in records.items() if r.dtype == torch.float32)
+    fp32 = sorted(k for k, r in records.items() if r.dtype == "F32")
     assert fp32 == sorted(k for k in records if k.startswith("time_embed.source_time_mlp") or k.endswith("modulation")
                           or ".cross_attn_norm." in k)
-    assert {r.dtype for k, r in records.items() if k not in fp32} == {getattr(torch, dtype)}
+    assert {r.dtype for k, r in records.items() if k not in fp32} == {{"bfloat16": "BF16", "float16": "F16"}[dtype]}
     model = AnyFlowTransformer3DModel.from_pretrained(str(tmp_path / "out"))
     assert model.dtype == getattr(torch, dtype) and model.head.modulation.dtype == torch.float32
     loaded = AnyFlowTransformer3DModel.from_pretrained(str(root), dtype=torch.bfloat16)

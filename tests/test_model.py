@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anyflow import AnyFlowConfig, AnyFlowTransformer3DModel, PreparedContext
+from anyflow import PRESETS, AnyFlowConfig, AnyFlowTransformer3DModel, PreparedContext, parameter_shapes
 from anyflow.patchify import PatchEmbed, unpatchify
 
 from conftest import random_inputs, randomize_, small_config
@@ -113,6 +113,21 @@ def test_library_imports_and_runs_without_diffusers():
         check=True, capture_output=True, text=True,
     )
     assert loaded.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, dict(image_dim=12), dict(cross_attn_norm=False), dict(patch_size=(1, 3, 2), out_channels=7, num_layers=3),
+    dict(num_attention_heads=3, attention_head_dim=6, ffn_dim=5),
+])
+def test_parameter_inventory_is_what_the_modules_create(overrides):
+    config = small_config(**overrides)
+    with torch.device("meta"):
+        state = AnyFlowTransformer3DModel(config).state_dict()
+    assert list(parameter_shapes(config).items()) == [(k, tuple(v.shape)) for k, v in state.items()]
+    for preset in PRESETS.values():
+        with torch.device("meta"):
+            state = AnyFlowTransformer3DModel(preset).state_dict()
+        assert parameter_shapes(preset) == {k: tuple(v.shape) for k, v in state.items()}
 
 
 def test_released_presets_have_the_published_sizes():

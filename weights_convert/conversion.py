@@ -1,42 +1,53 @@
-"""Checkpoint conversion and model loading on top of :mod:`.sources` and :mod:`.writer`."""
+"""Checkpoint conversion and model loading on top of :mod:`.sources` and :mod:`.writer`.
+
+A conversion that only renames (safetensors source, ``dtype="keep"``) never imports torch: it
+copies byte ranges. Casting, ``.pt`` sources and loading a model do.
+"""
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional, TextIO, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, TextIO, Union
 
-import torch
+from anyflow.parameters import is_fp32_island
 
-from anyflow.model import AnyFlowTransformer3DModel, is_fp32_island
-
-from .safetensors_io import TensorRecord, map_records
+from .safetensors_io import HALF_DTYPES, TensorRecord, dtype_code, map_records, torch_dtype
 from .sources import Checkpoint, InMemoryTensor, open_checkpoint
 from .state_dict import rename_keys
 from .writer import OutputTensor, parse_size, write_checkpoint
 
-DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+    from anyflow.model import AnyFlowTransformer3DModel
+
+DTYPES = {"keep": None, "float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 TARGETS = ("anyflow", "diffusers")
 STEMS = {"anyflow": "model", "diffusers": "diffusion_pytorch_model"}
 DIFFUSERS_VERSION = "0.42.1"
 
 
-def output_dtype(name: str, stored: torch.dtype, dtype: Optional[torch.dtype]) -> torch.dtype:
-    """The dtype a tensor is written or loaded in: ``dtype`` (None keeps ``stored``), with the
+def output_dtype(name: str, stored: str, dtype: Optional[str]) -> str:
+    """The dtype code a tensor is written or loaded in: ``dtype`` (None keeps ``stored``), with the
     fp32 islands (our names) kept in float32 when ``dtype`` is a half type."""
     if dtype is None:
         return stored
-    if dtype in (torch.bfloat16, torch.float16) and is_fp32_island(name):
-        return torch.float32
+    if dtype in HALF_DTYPES and is_fp32_island(name):
+        return "F32"
     return dtype
 
 
-def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
+def resolve_dtype(dtype: Union[str, "torch.dtype", None]) -> Optional[str]:
+    """The safetensors code of "float32", "bfloat16", "float16" or a torch dtype; None for "keep" or None."""
+    if dtype is None or isinstance(dtype, str):
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype] if dtype is not None else None
+    code = dtype_code(dtype)
+    if code not in DTYPES.values():
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    return code
 
 
 def config_json(checkpoint: Checkpoint, to: str) -> Dict[str, object]:
@@ -62,7 +73,7 @@ def convert(
     *,
     from_format: Optional[str] = None,
     to: str = "anyflow",
-    dtype: Union[str, torch.dtype, None] = "keep",
+    dtype: Union[str, "torch.dtype", None] = "keep",
     max_shard_size: Union[str, int] = "5GB",
     config_path: Optional[str] = None,
     force: bool = False,
@@ -89,8 +100,8 @@ def convert(
     return ConversionReport(checkpoint, out, files, sum(t.nbytes for t in tensors))
 
 
-def load_model(path: str, dtype: Union[str, torch.dtype, None] = None, device: Union[str, torch.device] = "cpu",
-               from_format: Optional[str] = None, config_path: Optional[str] = None) -> AnyFlowTransformer3DModel:
+def load_model(path: str, dtype: Union[str, "torch.dtype", None] = None, device: Union[str, "torch.device"] = "cpu",
+               from_format: Optional[str] = None, config_path: Optional[str] = None) -> "AnyFlowTransformer3DModel":
     """Build an :class:`AnyFlowTransformer3DModel` from any supported checkpoint.
 
     The model is built on the meta device and the checkpoint's tensors are assigned to it (no
@@ -99,29 +110,35 @@ def load_model(path: str, dtype: Union[str, torch.dtype, None] = None, device: U
     ``dtype=None`` keeps the checkpoint's compute dtype; in half precision the fp32 islands are
     float32 either way.
     """
+    import torch
+
+    from anyflow.model import AnyFlowTransformer3DModel
+
     checkpoint = open_checkpoint(path, from_format, config_path)
     dtype = resolve_dtype(dtype)
     if dtype is None:
         dtype = checkpoint.tensors["patch_embed.proj.weight"].dtype
     device = torch.device(device)
-    model = checkpoint.skeleton
+    with torch.device("meta"):
+        model = AnyFlowTransformer3DModel(checkpoint.config)
     records = [lazy for lazy in checkpoint.tensors.values() if isinstance(lazy, TensorRecord)]
     mapped = map_records(records)
     state = {}
     for name, lazy in checkpoint.tensors.items():
         tensor = mapped[lazy.name] if isinstance(lazy, TensorRecord) else lazy.read()
-        state[name] = tensor.to(device=device, dtype=output_dtype(name, lazy.dtype, dtype))
+        state[name] = tensor.to(device=device, dtype=torch_dtype(output_dtype(name, lazy.dtype, dtype)))
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
 
-def save_model(model: AnyFlowTransformer3DModel, out: str, max_shard_size: Union[str, int] = "5GB",
+def save_model(model: "AnyFlowTransformer3DModel", out: str, max_shard_size: Union[str, int] = "5GB",
                force: bool = False) -> List[str]:
     """Write ``model`` in our layout (``config.json`` + ``model.safetensors`` or shards) to folder ``out``."""
     max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
     state = model.state_dict()
     tensors = [
-        OutputTensor(k, InMemoryTensor(k, v.detach().cpu()).read, v.dtype, tuple(v.shape)) for k, v in state.items()
+        OutputTensor(k, InMemoryTensor(k, v.detach().cpu()).read, dtype_code(v.dtype), tuple(v.shape))
+        for k, v in state.items()
     ]
     config = {"_class_name": "AnyFlowTransformer3DModel", "_format": "anyflow", **model.config.to_dict()}
     return write_checkpoint(out, tensors, config, STEMS["anyflow"], max_bytes, force, progress=None)

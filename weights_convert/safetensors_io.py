@@ -1,8 +1,11 @@
 """Streaming safetensors: headers parsed and checked by hand, tensors read and written one at a time.
 
-No memory mapping: a mapped file counts toward resident memory while mapped, so every tensor is
-read with ``readinto`` into its own buffer and released after use. Peak memory is about the
-largest tensor, whatever the checkpoint's size.
+No memory mapping when converting: a mapped file counts toward resident memory while mapped, so
+every tensor is read with ``readinto`` into its own buffer and released after use. Peak memory is
+about the largest tensor, whatever the checkpoint's size.
+
+Dtypes are the safetensors codes ("BF16", "F32", ...). Parsing headers and planning byte ranges
+needs no torch; torch is imported only to read a tensor's values.
 """
 
 from __future__ import annotations
@@ -12,16 +15,20 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Tuple
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-DTYPES: Dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+# safetensors dtype code -> (bytes per element, torch dtype name)
+DTYPES: Dict[str, Tuple[int, str]] = {
+    "F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
+    "I64": (8, "int64"), "I32": (4, "int32"), "I16": (2, "int16"), "I8": (1, "int8"), "U8": (1, "uint8"),
+    "BOOL": (1, "bool"), "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2"),
 }
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+HALF_DTYPES = ("BF16", "F16")
+_CODES = {name: code for code, (_, name) in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -35,14 +42,16 @@ class TensorRecord:
 
     path: str
     name: str
-    dtype: torch.dtype
+    dtype: str  # safetensors code
     shape: Tuple[int, ...]
     offset: int  # absolute byte offset of the data in the file
     nbytes: int
 
-    def read(self) -> torch.Tensor:
+    def read(self) -> "torch.Tensor":
         """Read the tensor into fresh memory (one copy, no mapping)."""
-        tensor = torch.empty(self.shape, dtype=self.dtype)
+        import torch
+
+        tensor = torch.empty(self.shape, dtype=torch_dtype(self.dtype))
         buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if self.nbytes else memoryview(b"")
         with open(self.path, "rb") as f:
             f.seek(self.offset)
@@ -52,22 +61,44 @@ class TensorRecord:
         return tensor
 
 
-def map_records(records: Iterable[TensorRecord]) -> Dict[str, torch.Tensor]:
+def itemsize(dtype: str) -> int:
+    """Bytes per element of a safetensors dtype code."""
+    return DTYPES[dtype][0]
+
+
+def torch_dtype(dtype: str) -> "torch.dtype":
+    """The torch dtype of a safetensors dtype code."""
+    import torch
+
+    return getattr(torch, DTYPES[dtype][1])
+
+
+def dtype_code(dtype: object) -> str:
+    """The safetensors code of a torch dtype (or of its name, "bfloat16" or "torch.bfloat16")."""
+    name = str(dtype).replace("torch.", "")
+    if name not in _CODES:
+        raise ValueError(f"dtype {dtype} has no safetensors code; supported: {sorted(_CODES)}")
+    return _CODES[name]
+
+
+def map_records(records: Iterable[TensorRecord]) -> Dict[str, "torch.Tensor"]:
     """Tensors backed by a private (copy-on-write) mapping of their files: nothing is read until used.
 
     For loading a model, whose weights must be resident anyway; changes to the tensors never
     reach the file. A tensor whose offset is not aligned to its dtype is read instead.
     """
+    import torch
+
     storages: Dict[str, torch.UntypedStorage] = {}
     tensors = {}
     for record in records:
-        element = torch.empty((), dtype=record.dtype).element_size()
+        element = itemsize(record.dtype)
         if record.offset % element or not record.nbytes:
             tensors[record.name] = record.read()
             continue
         if record.path not in storages:
             storages[record.path] = torch.UntypedStorage.from_file(record.path, False, os.path.getsize(record.path))
-        tensor = torch.empty(0, dtype=record.dtype)
+        tensor = torch.empty(0, dtype=torch_dtype(record.dtype))
         tensors[record.name] = tensor.set_(storages[record.path], record.offset // element, record.shape)
     return tensors
 
@@ -104,7 +135,8 @@ def read_header(path: str) -> Tuple[Dict[str, TensorRecord], Dict[str, str]]:
     records = {}
     for name, info in header.items():
         try:
-            dtype = DTYPES[info["dtype"]]
+            dtype = info["dtype"]
+            element = DTYPES[dtype][0]
             shape = tuple(info["shape"])
             begin, end = info["data_offsets"]
             if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (*shape, begin, end)):
@@ -113,7 +145,7 @@ def read_header(path: str) -> Tuple[Dict[str, TensorRecord], Dict[str, str]]:
             raise CheckpointError(f"{path}: tensor {name!r} has an unknown dtype or missing field {exc}") from None
         except (TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * element
         if end - begin != nbytes:
             raise CheckpointError(
                 f"{path}: tensor {name!r} of shape {list(shape)} {info['dtype']} needs {nbytes} bytes, "
@@ -131,19 +163,21 @@ def read_header(path: str) -> Tuple[Dict[str, TensorRecord], Dict[str, str]]:
     return records, {str(k): str(v) for k, v in metadata.items()}
 
 
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+def tensor_bytes(tensor: "torch.Tensor") -> memoryview:
     """The raw little-endian bytes of a tensor (made contiguous), without copying when possible."""
+    import torch
+
     flat = tensor.detach().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
-def header_bytes(entries: Iterable[Tuple[str, torch.dtype, Tuple[int, ...]]], metadata: Optional[Dict[str, str]] = None) -> bytes:
-    """The 8-byte length and JSON header for tensors written in the given order, padded to 8 bytes."""
+def header_bytes(entries: Iterable[Tuple[str, str, Tuple[int, ...]]], metadata: Optional[Dict[str, str]] = None) -> bytes:
+    """The 8-byte length and JSON header for (name, dtype code, shape) written in that order, padded to 8 bytes."""
     header: Dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, dtype, shape in entries:
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        nbytes = math.prod(shape) * itemsize(dtype)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
@@ -195,9 +229,9 @@ def read_sharded(index_path: str) -> Dict[str, TensorRecord]:
     return records
 
 
-def write_file(path: str, tensors: List[Tuple[str, torch.Tensor]], metadata: Optional[Dict[str, str]] = None) -> None:
+def write_file(path: str, tensors: List[Tuple[str, "torch.Tensor"]], metadata: Optional[Dict[str, str]] = None) -> None:
     """Write tensors (already in memory) to a safetensors file; used for small files and tests."""
     with open(path, "wb") as f:
-        f.write(header_bytes([(n, t.dtype, tuple(t.shape)) for n, t in tensors], metadata))
+        f.write(header_bytes([(n, dtype_code(t.dtype), tuple(t.shape)) for n, t in tensors], metadata))
         for _, tensor in tensors:
             f.write(tensor_bytes(tensor))

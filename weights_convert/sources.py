@@ -2,6 +2,7 @@
 
 A :class:`Checkpoint` maps each of *our* parameter names to a lazy tensor (read on demand, one
 at a time) and carries the :class:`anyflow.AnyFlowConfig` it implies, with every shape checked.
+Safetensors checkpoints are opened from their headers alone, without importing torch.
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ import re
 import struct
 import zipfile
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Tuple, Union
-
-import torch
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple, Union
 
 from anyflow.config import AnyFlowConfig
+from anyflow.parameters import parameter_shapes
 
 from .names import FORMATS, WAN_WARM_START_COPIES
-from .safetensors_io import CheckpointError, TensorRecord, read_header, read_json_object, read_sharded
+from .safetensors_io import (
+    FLOAT_DTYPES, CheckpointError, TensorRecord, dtype_code, read_header, read_json_object, read_sharded,
+)
 from .state_dict import KeyMismatchError, rename_keys
 
 FORMAT_DESCRIPTIONS = {
@@ -35,17 +37,21 @@ WAN_PREFIX = "model.diffusion_model."
 # diffusers WanTransformer3DModel config keys that AnyFlow does not have (refused when they matter).
 WAN_ONLY_CONFIG_KEYS = ("qk_norm", "added_kv_proj_dim", "pos_embed_seq_len")
 
+if TYPE_CHECKING:
+    import torch
+
 
 @dataclass(frozen=True)
 class InMemoryTensor:
     """A tensor already loaded (from a ``.pt`` file), with the interface of a safetensors record."""
 
     name: str
-    tensor: torch.Tensor
+    tensor: "torch.Tensor"
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.tensor.dtype
+    def dtype(self) -> str:
+        """The safetensors code of the tensor's dtype."""
+        return dtype_code(self.tensor.dtype)
 
     @property
     def shape(self) -> Tuple[int, ...]:
@@ -55,7 +61,7 @@ class InMemoryTensor:
     def nbytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()
 
-    def read(self) -> torch.Tensor:
+    def read(self) -> "torch.Tensor":
         return self.tensor
 
 
@@ -73,7 +79,6 @@ class Checkpoint:
     config: AnyFlowConfig
     tensors: Dict[str, LazyTensor] = field(default_factory=dict)
     source_names: Dict[str, str] = field(default_factory=dict)  # our name -> name in the file
-    skeleton: Optional[torch.nn.Module] = None  # the model on the meta device, as checked
 
     @property
     def description(self) -> str:
@@ -135,6 +140,8 @@ def load_pt(path: str) -> Dict[str, InMemoryTensor]:
     Loaded with ``weights_only=True``: a file that needs pickled code to load is refused and
     none of that code runs.
     """
+    import torch
+
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -156,6 +163,11 @@ def load_pt(path: str) -> Dict[str, InMemoryTensor]:
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         keys = sorted(map(str, obj))[:10] if isinstance(obj, Mapping) else type(obj).__name__
         raise CheckpointError(f"{path}: expected a state dict of tensors or a dict with an 'ema' state dict, found {keys}")
+    for k, v in obj.items():
+        try:
+            dtype_code(v.dtype)
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: tensor {k!r}: {exc}") from None
     return {str(k): InMemoryTensor(str(k), v) for k, v in obj.items()}
 
 
@@ -258,18 +270,10 @@ def config_from_file(fmt: str, raw: Dict[str, object], path: str) -> AnyFlowConf
         raise CheckpointError(f"{path}: {exc}") from None
 
 
-def check_shapes(
-    config: AnyFlowConfig, tensors: Mapping[str, LazyTensor], source_names: Mapping[str, str]
-) -> torch.nn.Module:
-    """Every tensor's shape against the model the config describes; errors list key and both shapes.
-
-    Returns that model, built on the meta device (no memory), for a loader to fill.
-    """
-    from anyflow.model import AnyFlowTransformer3DModel
-
-    with torch.device("meta"):
-        skeleton = AnyFlowTransformer3DModel(config)
-    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+def check_shapes(config: AnyFlowConfig, tensors: Mapping[str, LazyTensor], source_names: Mapping[str, str]) -> None:
+    """Every tensor's name and shape against the model the config describes, and floating dtypes;
+    errors list the keys (and both shapes)."""
+    expected = parameter_shapes(config)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -284,10 +288,9 @@ def check_shapes(
     ]
     if wrong:
         raise KeyMismatchError(f"shape mismatch: {'; '.join(wrong[:10])}" + (f" (and {len(wrong) - 10} more)" if len(wrong) > 10 else ""))
-    bad_dtype = [source_names[k] for k, t in tensors.items() if not t.dtype.is_floating_point]
+    bad_dtype = [f"{source_names[k]} ({t.dtype})" for k, t in tensors.items() if t.dtype not in FLOAT_DTYPES]
     if bad_dtype:
         raise CheckpointError(f"non-floating-point tensors: {bad_dtype[:10]}")
-    return skeleton
 
 
 def open_checkpoint(path: str, fmt: Optional[str] = None, config_path: Optional[str] = None) -> Checkpoint:
@@ -318,11 +321,11 @@ def open_checkpoint(path: str, fmt: Optional[str] = None, config_path: Optional[
             config = AnyFlowConfig(**infer_config(shapes))
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{files[0]}: cannot infer the config from tensor shapes ({exc}); pass --config") from None
-    skeleton = check_shapes(config, tensors, source_names)
+    check_shapes(config, tensors, source_names)
     ordered = {k: tensors[k] for k in sorted(tensors, key=_natural_key)}
     if container == "sharded safetensors":
         files = files + sorted({t.path for t in raw.values()})
-    return Checkpoint(os.path.abspath(path), fmt, container, files, config, ordered, source_names, skeleton)
+    return Checkpoint(os.path.abspath(path), fmt, container, files, config, ordered, source_names)
 
 
 def _natural_key(name: str):

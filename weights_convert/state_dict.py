@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterable, List, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping
 
 from .names import PER_BLOCK, TOP_LEVEL, WAN_ORIGINAL_PER_BLOCK, WAN_ORIGINAL_TOP, invert
+
+if TYPE_CHECKING:
+    import torch
 
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)")
 _MAX_LISTED = 20
@@ -89,7 +90,7 @@ def rename_keys(keys: Iterable[str], direction: str = "to_anyflow") -> Dict[str,
     return mapping
 
 
-def convert_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def convert_state_dict(state_dict: Mapping[str, "torch.Tensor"]) -> Dict[str, "torch.Tensor"]:
     """A diffusers-named AnyFlow state dict -> ours (same tensors, renamed).
 
     The result loads into :class:`anyflow.AnyFlowTransformer3DModel` with ``strict=True``.
@@ -98,7 +99,7 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torc
     return {mapping[key]: tensor for key, tensor in state_dict.items()}
 
 
-def export_state_dict(state_dict: Mapping[str, torch.Tensor], target: str = "diffusers") -> Dict[str, torch.Tensor]:
+def export_state_dict(state_dict: Mapping[str, "torch.Tensor"], target: str = "diffusers") -> Dict[str, "torch.Tensor"]:
     """Our state dict -> ``target``'s names; the exact inverse of :func:`convert_state_dict`."""
     if target != "diffusers":
         raise ValueError(f"target must be 'diffusers', got {target!r}")

@@ -16,13 +16,14 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, TextIO, TypeVar
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, TextIO, TypeVar
 
-import torch
+from .safetensors_io import CheckpointError, TensorRecord, header_bytes, itemsize, read_header, tensor_bytes, torch_dtype
 
-from .safetensors_io import CheckpointError, TensorRecord, header_bytes, read_header, tensor_bytes
+if TYPE_CHECKING:
+    import torch
 
-CHUNK = 64 * 1024 * 1024
+CHUNK = 1024 * 1024  # verification reads: small enough to stay in the CPU cache (1 MiB: 7 GB/s here, 64 MiB: 1 GB/s)
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -36,14 +37,14 @@ class OutputTensor:
     """
 
     name: str
-    read: Callable[[], torch.Tensor]
-    dtype: torch.dtype
+    read: Callable[[], "torch.Tensor"]
+    dtype: str  # safetensors code
     shape: tuple
     same_bytes_as: Optional[TensorRecord] = None
 
     @property
     def nbytes(self) -> int:
-        n = torch.empty((), dtype=self.dtype).element_size()
+        n = itemsize(self.dtype)
         for s in self.shape:
             n *= s
         return n
@@ -190,13 +191,12 @@ def _write_all(folder, tensors, config, stem, max_shard_bytes, progress) -> List
             with open(os.path.join(folder, file_name), "wb", buffering=0) as f:
                 f.write(header_bytes([(t.name, t.dtype, t.shape) for t in members], {"format": "pt"}))
                 for t, data, crc in prefetched(members, _converted_bytes):
-                    if data is None and sources.copy(t.same_bytes_as, f):
+                    if data is None:
+                        sources.copy(t.same_bytes_as, f)
                         checksums[t.name] = t.same_bytes_as
                     else:
-                        if data is None:  # no in-kernel copy here: read and write instead
-                            t, data, crc = _converted_bytes(t, raw_copy=False)
                         checksums[t.name] = crc
-                        f.write(data)
+                        _write_fully(f, data)
                     del data
                     writing.advance(t.nbytes)
     if len(shards) > 1:
@@ -222,39 +222,46 @@ class SourceFiles:
         for fd in self.fds.values():
             os.close(fd)
 
-    def copy(self, record: TensorRecord, out) -> bool:
-        """Append ``record``'s bytes to the unbuffered file ``out``; False if the kernel cannot."""
-        if not self.kernel_copy:
-            return False
-        if record.path not in self.fds:
-            self.fds[record.path] = os.open(record.path, os.O_RDONLY)
-        offset, left = record.offset, record.nbytes
-        try:
-            while left:
-                copied = os.copy_file_range(self.fds[record.path], out.fileno(), left, offset)
-                if copied == 0:
-                    raise CheckpointError(f"{record.path}: truncated while reading {record.name!r}")
-                offset += copied
-                left -= copied
-        except OSError:
-            if left != record.nbytes:  # part written: cannot fall back within this file
-                raise
-            self.kernel_copy = False
-            return False
-        return True
+    def copy(self, record: TensorRecord, out) -> None:
+        """Append ``record``'s bytes to the unbuffered file ``out``: in the kernel where it can, else read and written."""
+        if self.kernel_copy:
+            if record.path not in self.fds:
+                self.fds[record.path] = os.open(record.path, os.O_RDONLY)
+            offset, left = record.offset, record.nbytes
+            try:
+                while left:
+                    copied = os.copy_file_range(self.fds[record.path], out.fileno(), left, offset)
+                    if copied == 0:
+                        raise CheckpointError(f"{record.path}: truncated while reading {record.name!r}")
+                    offset += copied
+                    left -= copied
+                return
+            except OSError:
+                if left != record.nbytes:  # part written: cannot fall back within this file
+                    raise
+                self.kernel_copy = False
+        for chunk in _chunks(record.path, record):
+            _write_fully(out, chunk)
 
 
-def _converted_bytes(t: OutputTensor, raw_copy: bool = True):
+def _write_fully(out, data) -> None:
+    """Write all of ``data`` to the unbuffered file ``out`` (a raw write may take only part)."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[out.write(view):]
+
+
+def _converted_bytes(t: OutputTensor):
     """Read one tensor, cast it to its output dtype: (tensor, its bytes, their CRC-32).
 
     A tensor to be copied as raw bytes is not read here: (tensor, None, None).
     """
-    if raw_copy and t.same_bytes_as is not None:
+    if t.same_bytes_as is not None:
         return t, None, None
     value = t.read()
     if tuple(value.shape) != tuple(t.shape):
         raise CheckpointError(f"{t.name}: read shape {list(value.shape)}, expected {list(t.shape)}")
-    data = tensor_bytes(value.to(t.dtype))
+    data = tensor_bytes(value.to(torch_dtype(t.dtype)))
     return t, data, zlib.crc32(data)
 
 

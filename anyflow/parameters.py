@@ -1,0 +1,69 @@
+"""The model's parameter inventory without torch: every name and shape a config implies, and the
+fp32 islands.
+
+The converter uses it to check a checkpoint before writing a byte, without importing torch or
+building the model; a test checks it against the parameters the modules actually create.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+from .config import AnyFlowConfig
+
+# Parameters kept in float32 when the model is held in half precision (matched on whole
+# dotted name components): the source-time MLP, every modulation table, every affine norm.
+FP32_ISLANDS = (
+    "time_embed.source_time_mlp",
+    "modulation",
+    "cross_attn_norm",
+    "image_proj.norm_in",
+    "image_proj.norm_out",
+)
+
+Shape = Tuple[int, ...]
+
+
+def is_fp32_island(param_name: str) -> bool:
+    """Whether a parameter of :class:`AnyFlowTransformer3DModel` stays float32 in half precision."""
+    dotted = f".{param_name}."
+    return any(f".{island}." in dotted for island in FP32_ISLANDS)
+
+
+def _linear(name: str, fan_in: int, fan_out: int) -> Dict[str, Shape]:
+    return {f"{name}.weight": (fan_out, fan_in), f"{name}.bias": (fan_out,)}
+
+
+def parameter_shapes(config: AnyFlowConfig) -> Dict[str, Shape]:
+    """Every parameter of the model ``config`` describes, by our name, in ``state_dict`` order."""
+    d, p = config.hidden_size, config.patch_size
+    shapes: Dict[str, Shape] = {
+        "patch_embed.proj.weight": (d, config.in_channels, *p),
+        "patch_embed.proj.bias": (d,),
+    }
+    for mlp in ("source_time_mlp", "target_time_mlp"):
+        shapes.update(_linear(f"time_embed.{mlp}.fc_in", config.freq_dim, d))
+        shapes.update(_linear(f"time_embed.{mlp}.fc_out", d, d))
+    shapes.update(_linear("time_embed.modulation_proj", d, 6 * d))
+    shapes.update(_linear("text_proj.fc_in", config.text_dim, d))
+    shapes.update(_linear("text_proj.fc_out", d, d))
+    if config.image_dim is not None:
+        e = config.image_dim
+        shapes.update({"image_proj.norm_in.weight": (e,), "image_proj.norm_in.bias": (e,)})
+        shapes.update(_linear("image_proj.fc_in", e, e))
+        shapes.update(_linear("image_proj.fc_out", e, d))
+        shapes.update({"image_proj.norm_out.weight": (d,), "image_proj.norm_out.bias": (d,)})
+    for i in range(config.num_layers):
+        block = f"blocks.{i}"
+        shapes[f"{block}.modulation"] = (1, 6, d)
+        for attn in ("self_attn", "cross_attn"):
+            if attn == "cross_attn" and config.cross_attn_norm:
+                shapes.update({f"{block}.cross_attn_norm.weight": (d,), f"{block}.cross_attn_norm.bias": (d,)})
+            for proj in "qkvo":
+                shapes.update(_linear(f"{block}.{attn}.{proj}", d, d))
+            shapes.update({f"{block}.{attn}.norm_q.weight": (d,), f"{block}.{attn}.norm_k.weight": (d,)})
+        shapes.update(_linear(f"{block}.ffn.fc_in", d, config.ffn_dim))
+        shapes.update(_linear(f"{block}.ffn.fc_out", config.ffn_dim, d))
+    shapes["head.modulation"] = (1, 2, d)
+    shapes.update(_linear("head.proj", d, config.out_channels * p[0] * p[1] * p[2]))
+    return shapes
