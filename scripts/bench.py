@@ -1,6 +1,6 @@
 """Forward speed and memory, ours against diffusers' AnyFlowTransformer3DModel, side by side in one run.
 
-    python scripts/bench.py [--configs tiny,mid,full-1.3b] [--dtypes float32,bfloat16] [--repeats 3]
+    python scripts/bench.py [--configs tiny,mid,full-1.3b] [--dtypes float32,bfloat16] [--repeats 5]
                             [--compile] [--device cpu|cuda] [--workdir DIR]
 
 Both models get the same random weights (written once by the oracle's ``save_pretrained``; ours
@@ -163,7 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="tiny,mid")
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="add a torch.compile(fullgraph=True) row for ours")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workdir", default=os.path.expanduser("~/.cache/anyflow-bench"))
@@ -207,6 +207,8 @@ def main() -> None:
                 if impl == "ours+compile":
                     first = statistics.median(r["first_call_s"] for r in runs[impl])
                     print(f"{'':<10} {'':<8} (first compiled call, compile included: {first:.1f} s)")
+            print(f"{'':<10} {'':<8} runs in order, s: "
+                  + "; ".join(f"{impl} " + " ".join(f"{r['seconds']:.1f}" for r in runs[impl]) for impl in impls))
     print("\nimport and start-up (median of 5 runs of the command, wall seconds):")
     ours_import = command_seconds(f"{sys.executable} -c 'import anyflow'")
     ours_model = command_seconds(f"{sys.executable} -c 'from anyflow import AnyFlowTransformer3DModel'")
