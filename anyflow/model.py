@@ -134,12 +134,16 @@ class AnyFlowTransformer3DModel(nn.Module):
     ) -> PreparedContext:
         """Embed text (B, S, text_dim) and image (B, S_img, image_dim) tokens and project every
         block's cross-attention keys and values, once."""
-        self._check_context(encoder_hidden_states, encoder_hidden_states_image)
-        context = self.text_proj(encoder_hidden_states.to(self.device, self.dtype))  # (B, S, D)
-        if encoder_hidden_states_image is not None:
-            image = self.image_proj(encoder_hidden_states_image.to(self.device, self.dtype))
-            context = torch.cat([image, context], dim=1)  # image tokens first
+        context = self._embed_context(encoder_hidden_states, encoder_hidden_states_image)
         return PreparedContext(context.shape[0], [block.cross_attn.context_kv(context) for block in self.blocks])
+
+    def _embed_context(self, text: torch.Tensor, image: Optional[torch.Tensor]) -> torch.Tensor:
+        """Checked text (B, S, text_dim) and image (B, S_img, image_dim) tokens -> context (B, S_img + S, D)."""
+        self._check_context(text, image)
+        context = self.text_proj(text.to(self.device, self.dtype))  # (B, S, D)
+        if image is not None:
+            context = torch.cat([self.image_proj(image.to(self.device, self.dtype)), context], dim=1)  # image first
+        return context
 
     def forward(
         self,
@@ -175,12 +179,16 @@ class AnyFlowTransformer3DModel(nn.Module):
         if isinstance(encoder_hidden_states, PreparedContext):
             if encoder_hidden_states_image is not None:
                 raise ValueError("encoder_hidden_states_image must be None when passing a PreparedContext")
-            context = encoder_hidden_states
+            prepared, context = encoder_hidden_states, None
+            context_batch = prepared.batch_size
         else:
-            context = self.prepare_context(encoder_hidden_states, encoder_hidden_states_image)
-        if context.batch_size != batch:
+            # raw embeddings: each block's keys and values are made just before the block, so
+            # only one block's are alive at a time (a PreparedContext holds every block's)
+            prepared, context = None, self._embed_context(encoder_hidden_states, encoder_hidden_states_image)
+            context_batch = context.shape[0]
+        if context_batch != batch:
             raise ValueError(
-                f"batch sizes disagree: hidden_states has {batch}, encoder_hidden_states has {context.batch_size}"
+                f"batch sizes disagree: hidden_states has {batch}, encoder_hidden_states has {context_batch}"
             )
         t = self._timestep_grid(timestep, "timestep", batch, frames)
         r = self._timestep_grid(r_timestep, "r_timestep", batch, frames)
@@ -188,7 +196,8 @@ class AnyFlowTransformer3DModel(nn.Module):
         x = self.patch_embed(hidden_states.to(self.device, self.dtype))  # (B, L, D)
         rt, mod = self.time_embed(t, r, self.dtype)  # (B, F, D), (B, F, 6, D)
         rope = rope_rotations(grid, self.config.attention_head_dim, x.device)  # (L, 1, d/2, 2)
-        for block, kv in zip(self.blocks, context.kv):
+        for i, block in enumerate(self.blocks):
+            kv = prepared.kv[i] if prepared is not None else block.cross_attn.context_kv(context)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, kv, mod, rope, use_reentrant=False)
             else:

@@ -201,8 +201,9 @@ def main() -> None:
                 out = torch.load(outputs[impl])
                 parity = ((out - ref).abs().max() / ref.abs().max()).item()
                 gflops = flops / seconds / 1e9
+                rss_ratio = f"{rss / oracle_rss:6.2f}" if oracle_rss >= 1 else f"{'-':>6}"  # tiny: under 1 MB
                 print(f"{name:<10} {dtype:<8} {impl:<13} {seconds:9.3f} {seconds / oracle_s:6.2f} {rss:8.0f} "
-                      f"{rss / max(oracle_rss, 1e-9):6.2f} {gflops:8.1f} {100 * gflops / rates[dtype]:6.0f}% "
+                      f"{rss_ratio} {gflops:8.1f} {100 * gflops / rates[dtype]:6.0f}% "
                       f"{parity if impl != 'oracle' else 0:9.1e}", flush=True)
                 if impl == "ours+compile":
                     first = statistics.median(r["first_call_s"] for r in runs[impl])
