@@ -40,10 +40,12 @@ def output_dtype(name: str, stored: str, dtype: Optional[str]) -> str:
 
 def resolve_dtype(dtype: Union[str, "torch.dtype", None]) -> Optional[str]:
     """The safetensors code of "float32", "bfloat16", "float16" or a torch dtype; None for "keep" or None."""
-    if dtype is None or isinstance(dtype, str):
-        if dtype is not None and dtype not in DTYPES:
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        return DTYPES[dtype] if dtype is not None else None
+        return DTYPES[dtype]
     code = dtype_code(dtype)
     if code not in DTYPES.values():
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")

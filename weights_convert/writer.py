@@ -9,6 +9,7 @@ A killed run leaves no OUT and its partial folder is removed by the next run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -44,10 +45,7 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        n = itemsize(self.dtype)
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape) * itemsize(self.dtype)
 
 
 def parse_size(text: str) -> int:
@@ -310,7 +308,7 @@ def _chunks(path: str, record: TensorRecord) -> Iterator[bytes]:
             while want:
                 part = os.pread(fd, want, offset)
                 if not part:
-                    raise CheckpointError(f"{path}: verification failed: {record.name!r} is truncated")
+                    raise CheckpointError(f"{path}: {record.name!r} is truncated (the file ends before its header says)")
                 parts.append(part)
                 offset += len(part)
                 want -= len(part)
