@@ -81,16 +81,21 @@ class AnyFlowConfig:
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "AnyFlowConfig":
-        """Build a config from a diffusers-style dict (for example a parsed ``config.json``).
+        """Build a config from a dict of this class's fields, as :meth:`to_dict` writes it.
 
-        Keys starting with ``_`` (``_class_name``, ``_diffusers_version``, ...) are ignored;
-        any other unknown key is an error that names it. Lists become tuples.
+        Strict: keys starting with ``_`` (``_class_name``, ...) are ignored, any other unknown key
+        is an error that names it (a typo). Lists become tuples. A checkpoint's ``config.json``
+        written by diffusers or the AnyFlow authors (with their extra keys, ``qk_norm``, ...) is
+        read by ``weights_convert.configs.read_config``, which knows which of those keys matter.
         """
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise ValueError(f"unknown AnyFlowConfig keys: {unknown}; known keys are {sorted(known)}")
+            raise ValueError(
+                f"unknown AnyFlowConfig keys: {unknown}; known keys are {sorted(known)} (a checkpoint's config.json "
+                "with diffusers' or the authors' extra keys is read by weights_convert.configs.read_config)"
+            )
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
         return cls(**kwargs)
 

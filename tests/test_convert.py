@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -17,6 +19,8 @@ from weights_convert.cli import main as convert_main
 from weights_convert.safetensors_io import read_header, write_file
 
 from conftest import random_inputs, randomize_, require_oracle, small_config
+
+pytestmark = pytest.mark.reference  # compares with the oracle: rerun by CI without SIMD kernels
 
 # head dim 128 so that the head count can be inferred from shapes, as for the released models
 CONFIG = small_config(num_attention_heads=1, attention_head_dim=128, image_dim=None)
@@ -139,7 +143,7 @@ def test_sharded_output_and_save_pretrained(hub, tmp_path):
     model.save_pretrained(str(tmp_path / "saved"))
     again = AnyFlowTransformer3DModel.from_pretrained(str(tmp_path / "saved"))
     assert torch.equal(velocity(model), velocity(again))
-    with pytest.raises(CheckpointError, match="already exists; pass --force"):
+    with pytest.raises(CheckpointError, match=r"already exists; pass force=True to replace it"):
         model.save_pretrained(str(tmp_path / "saved"))
 
 
@@ -167,9 +171,7 @@ def test_config_override_for_a_pt(hub, tmp_path):
 
 
 def wan_base(tmp_path):
-    from diffusers import WanTransformer3DModel
-
-    require_oracle()
+    WanTransformer3DModel = require_oracle("WanTransformer3DModel")
     config = {k: v for k, v in CONFIG.to_dict().items() if k not in ("gate_value", "deltatime_type")}
     wan = WanTransformer3DModel(**config).eval()
     randomize_(wan, 11)
@@ -222,8 +224,7 @@ def test_wan_base_warm_start_equals_wan_when_r_equals_t(tmp_path, layout):
 
 
 def test_far_and_i2v_checkpoints_are_refused(hub, tmp_path):
-    from diffusers import WanTransformer3DModel
-
+    WanTransformer3DModel = require_oracle("WanTransformer3DModel")
     root, oracle = hub
     state = {k: v.contiguous() for k, v in oracle.state_dict().items()}
     write_file(str(tmp_path / "far.safetensors"), sorted({**state, "far_patch_embedding.weight": torch.zeros(2)}.items()))
@@ -279,6 +280,14 @@ def test_src_equal_to_or_inside_out_is_refused(hub, tmp_path, capsys):
     code, err = run_cli([copy / "transformer", copy, "--force"], capsys)
     assert code == 1 and "the source is inside OUT" in err
     assert os.path.isfile(copy / "transformer" / "config.json")
+    before = {f: (copy / "transformer" / f).read_bytes() for f in os.listdir(copy / "transformer")}
+    for src, out in [(copy, copy / "converted"), (copy / "transformer", copy / "transformer" / "sub"),
+                     (copy, copy / "transformer" / "sub")]:
+        code, err = run_cli([src, out], capsys)
+        assert code == 1 and err.endswith(f"{out}: OUT is inside the source folder {src}, which is never modified; refused")
+        assert not out.exists()
+    assert {f: (copy / "transformer" / f).read_bytes() for f in os.listdir(copy / "transformer")} == before
+    assert sorted(os.listdir(copy)) == ["model_index.json", "transformer"]
 
 
 def test_index_naming_a_missing_or_outside_shard_is_refused(hub, tmp_path):
@@ -325,6 +334,54 @@ def test_missing_unexpected_and_misshapen_keys(hub, tmp_path):
             open_checkpoint(str(tmp_path / f"{name}.safetensors"))
 
 
+@pytest.mark.parametrize("content,message", [
+    (bytes(range(7, 207)) * 20, "not a torch checkpoint: a file starting with bytes 07 08 09 0a, neither a zip archive "
+                                "(torch.save) nor a pickle (legacy torch.save)"),
+    (b"", "not a torch checkpoint: an empty file"),
+    ("truncated zip", "corrupt or truncated torch zip archive"),
+])
+def test_a_pt_that_is_no_torch_checkpoint_is_named_as_such(tmp_path, capsys, content, message):
+    if content == "truncated zip":
+        torch.save({"ema": {"patch_embedding.weight": torch.zeros(64)}}, tmp_path / "full.pt")
+        content = (tmp_path / "full.pt").read_bytes()[:300]
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    (folder / "pytorch_model.bin").write_bytes(content)
+    code, err = run_cli([folder, tmp_path / "out"], capsys)
+    assert code == 1 and f"{folder / 'pytorch_model.bin'}: {message}" in err and "pickled code" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def start_slow_conversion(root, out, *args, **popen) -> subprocess.Popen:
+    """``anyflow-convert root out *args`` in a subprocess, 50 ms per tensor, returned while it writes."""
+    slow = (
+        "import sys, time, weights_convert.writer as w\n"
+        "real = w._converted_bytes\n"
+        "w._converted_bytes = lambda *a, **k: (time.sleep(0.05), real(*a, **k))[1]\n"
+        "from weights_convert.cli import main\n"
+        f"sys.exit(main({[str(root), str(out), *args]!r}))\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", slow], **popen)
+    deadline = time.time() + 60
+    while not any(".partial-" in n for n in os.listdir(out.parent)) and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)  # a few tensors into the write
+    return process
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_conversion_says_one_line_and_leaves_nothing(hub, tmp_path, signum, code):
+    root, _ = hub
+    out = tmp_path / "out"
+    process = start_slow_conversion(root, out, "--dtype", "bfloat16", stderr=subprocess.PIPE, text=True)
+    process.send_signal(signum)
+    err = process.communicate(timeout=60)[1].strip().splitlines()
+    assert process.returncode == code and len(err) == 1, err
+    assert err[0] == (f"anyflow-convert: interrupted ({signal.Signals(signum).name}); nothing was written and {out} "
+                      "is as it was")
+    assert os.listdir(tmp_path) == []
+
+
 class Boom:
     def __reduce__(self):
         return (os.system, ("touch PWNED",))
@@ -339,25 +396,9 @@ def test_pt_with_pickled_code_is_refused_and_not_executed(tmp_path, monkeypatch,
 
 
 def test_killed_conversion_leaves_no_out_and_a_rerun_succeeds(hub, tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-
     root, _ = hub
     out = tmp_path / "out"
-    slow = (
-        "import sys, time, weights_convert.writer as w\n"
-        "real = w._converted_bytes\n"
-        "w._converted_bytes = lambda *a, **k: (time.sleep(0.05), real(*a, **k))[1]\n"
-        "from weights_convert.cli import main\n"
-        f"sys.exit(main([{str(root)!r}, {str(out)!r}]))\n"
-    )
-    process = subprocess.Popen([sys.executable, "-c", slow], cwd=os.path.dirname(os.path.dirname(__file__)))
-    deadline = time.time() + 60
-    while not any(".partial-" in n for n in os.listdir(tmp_path)) and time.time() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.3)
+    process = start_slow_conversion(root, out)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not out.exists() and any(".partial-" in n for n in os.listdir(tmp_path))

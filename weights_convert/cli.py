@@ -25,28 +25,43 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output dtype; fp32 islands stay float32 in half precision (default keep)")
     parser.add_argument("--max-shard-size", default="5GB", help="shard the output above this size (default 5GB)")
     parser.add_argument("--config", dest="config_path", metavar="FILE",
-                        help="diffusers-style config JSON overriding the found or inferred config")
+                        help="config JSON overriding the found or inferred config (diffusers' or the authors' keys; "
+                        "unknown keys are refused as typos)")
     parser.add_argument("--force", action="store_true", help="replace OUT (only after the new one is complete)")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from .conversion import convert  # imports torch: after argument parsing, so --help stays quick
-    from .safetensors_io import CheckpointError
+    from anyflow.interrupts import Interrupted, signals_raise_interrupted
+
+    from .configs import describe_keys
+    from .conversion import convert
+    from .writer import OutputExistsError
 
     start = time.perf_counter()
     try:
-        report = convert(args.src, args.out, from_format=args.from_format, to=args.to, dtype=args.dtype,
-                         max_shard_size=args.max_shard_size, config_path=args.config_path, force=args.force,
-                         progress=sys.stderr)
-    except (CheckpointError, ValueError, OSError) as exc:
+        with signals_raise_interrupted():
+            report = convert(args.src, args.out, from_format=args.from_format, to=args.to, dtype=args.dtype,
+                             max_shard_size=args.max_shard_size, config_path=args.config_path, force=args.force,
+                             progress=sys.stderr)
+    except OutputExistsError as exc:
+        print(f"anyflow-convert: error: {exc.out}: already exists; pass --force to replace it (it is replaced only "
+              "after success)", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as exc:  # CheckpointError and KeyMismatchError are ValueErrors
         print(f"anyflow-convert: error: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as stop:
+        print(f"anyflow-convert: interrupted ({stop}); nothing was written and {args.out} is as it was",
+              file=sys.stderr)
+        return stop.exit_code
     seconds = time.perf_counter() - start
     source = report.source
     print(f"detected: {source.description}")
     print(f"config: {source.config.to_dict()}")
+    if source.config_set_aside:
+        print(f"config keys set aside (they do not change this model): {describe_keys(source.config_set_aside)}")
     print(f"wrote {args.to} layout to {report.out}: {', '.join(report.files)} "
           f"({report.nbytes_written / 1e9:.3f} GB in {seconds:.1f} s, every tensor verified)")
     return 0

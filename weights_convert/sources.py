@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple, Union
 from anyflow.config import AnyFlowConfig
 from anyflow.parameters import parameter_shapes
 
+from .configs import ConfigReading, far_refusal, read_config
 from .names import FORMATS, WAN_WARM_START_COPIES
 from .safetensors_io import (
     FLOAT_DTYPES, CheckpointError, TensorRecord, dtype_code, read_header, read_json_object, read_sharded,
@@ -34,8 +35,6 @@ FORMAT_DESCRIPTIONS = {
 }
 PT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 WAN_PREFIX = "model.diffusion_model."
-# diffusers WanTransformer3DModel config keys that AnyFlow does not have (refused when they matter).
-WAN_ONLY_CONFIG_KEYS = ("qk_norm", "added_kv_proj_dim", "pos_embed_seq_len")
 
 if TYPE_CHECKING:
     import torch
@@ -79,6 +78,8 @@ class Checkpoint:
     config: AnyFlowConfig
     tensors: Dict[str, LazyTensor] = field(default_factory=dict)
     source_names: Dict[str, str] = field(default_factory=dict)  # our name -> name in the file
+    config_set_aside: Dict[str, object] = field(default_factory=dict)  # config.json keys that change nothing here
+    config_file: Optional[str] = None  # the config.json read, if any (else the config was inferred from shapes)
 
     @property
     def description(self) -> str:
@@ -134,30 +135,44 @@ def _weight_files(folder: str) -> List[str]:
     )
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
+PICKLE_PROTOCOL = 0x80  # first byte of a pickle of protocol >= 2: torch.save's legacy format
+
+
 def load_pt(path: str) -> Dict[str, InMemoryTensor]:
     """Tensors of an authors' training ``.pt`` (its ``ema`` entry, or a bare state dict).
 
     Loaded with ``weights_only=True``: a file that needs pickled code to load is refused and
-    none of that code runs.
+    none of that code runs. A file that is no torch checkpoint at all, or a damaged one, is
+    named as such.
     """
     import torch
 
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    is_zip = head == ZIP_MAGIC
+    if not is_zip and not (head and head[0] == PICKLE_PROTOCOL):
+        what = "an empty file" if not head else f"a file starting with bytes {head.hex(' ')}"
         raise CheckpointError(
-            f"{path}: refused: loading it would execute pickled code, which weights_only=True forbids "
-            f"(nothing was executed). Detail: {reason[:300]}"
-        ) from None
+            f"{path}: not a torch checkpoint: {what}, neither a zip archive (torch.save) nor a pickle (legacy torch.save)"
+        )
+    kind = "torch zip archive" if is_zip else "pickle (legacy torch.save format)"
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as exc:
+        detail = " ".join(line for line in str(exc).splitlines() if "GLOBAL" in line or "global" in line)
+        if detail:
+            raise CheckpointError(
+                f"{path}: refused: loading it would execute pickled code, which weights_only=True forbids "
+                f"(nothing was executed). Detail: {detail.strip()[:300]}"
+            ) from None
+        raise CheckpointError(f"{path}: corrupt or unsupported {kind}: its pickle does not parse ({_last_line(exc)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, TypeError,
             IndexError, KeyError, UnicodeDecodeError, struct.error) as exc:
-        raise CheckpointError(f"{path}: corrupt or truncated torch checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise CheckpointError(f"{path}: corrupt or truncated {kind} ({type(exc).__name__}: {_last_line(exc)})") from None
     if isinstance(obj, Mapping) and "ema" in obj:
         obj = obj["ema"]
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -171,6 +186,17 @@ def load_pt(path: str) -> Dict[str, InMemoryTensor]:
     return {str(k): InMemoryTensor(str(k), v) for k, v in obj.items()}
 
 
+# lines of torch.load's messages that say nothing about the file itself
+_BOILERPLATE = ("Weights only load failed", "WeightsUnpickler error", "Check the documentation", "Please file an issue")
+
+
+def _last_line(exc: BaseException) -> str:
+    """The first line of an exception's message that describes the file, shortened."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    informative = [line for line in lines if not line.startswith(_BOILERPLATE)]
+    return (informative or lines or [type(exc).__name__])[0][:200]
+
+
 def read_tensors(container: str, files: List[str]) -> Dict[str, LazyTensor]:
     """Lazy tensors of the located files, by their names in the file."""
     if container == "sharded safetensors":
@@ -180,19 +206,16 @@ def read_tensors(container: str, files: List[str]) -> Dict[str, LazyTensor]:
     return dict(load_pt(files[0]))
 
 
-def detect_format(keys: List[str]) -> str:
-    """Recognise the naming of a checkpoint from its keys; refuse FAR and I2V checkpoints."""
+def detect_format(keys: List[str], where: str) -> str:
+    """Recognise the naming of a checkpoint from its keys; refuse FAR and I2V checkpoints (errors name ``where``)."""
     keyset = set(keys)
     far = sorted(k for k in keys if k.startswith("far_patch_embedding"))
     if far:
-        raise CheckpointError(
-            f"this is an AnyFlow FAR (causal, frame-autoregressive) checkpoint ({far[0]} ...); "
-            "this model is the bidirectional AnyFlow transformer and does not take it"
-        )
+        raise far_refusal(where, f"{far[0]} ...")
     i2v = sorted(k for k in keys if re.search(r"(add_[kv]_proj|norm_added_k|\.k_img\.|\.v_img\.|norm_k_img|^img_emb\.)", k))
     if i2v:
         raise CheckpointError(
-            f"this is a Wan2.1 image-to-video checkpoint ({i2v[0]} ...); this model is text-to-video "
+            f"{where}: this is a Wan2.1 image-to-video checkpoint ({i2v[0]} ...); this model is text-to-video "
             "(AnyFlow) and does not take its separate image key/value projections"
         )
     if "patch_embed.proj.weight" in keyset:
@@ -203,7 +226,7 @@ def detect_format(keys: List[str]) -> str:
         return "wan-diffusers"
     if "time_embedding.0.weight" in keyset:
         return "wan-original"
-    raise CheckpointError(f"unrecognised checkpoint: no AnyFlow or Wan2.1 keys among {sorted(keys)[:8]}")
+    raise CheckpointError(f"{where}: unrecognised checkpoint: no AnyFlow or Wan2.1 keys among {sorted(keys)[:8]}")
 
 
 def to_our_names(fmt: str, tensors: Dict[str, LazyTensor]) -> Tuple[Dict[str, LazyTensor], Dict[str, str]]:
@@ -256,20 +279,6 @@ def infer_config(shapes: Mapping[str, Tuple[int, ...]]) -> Dict[str, object]:
     return config
 
 
-def config_from_file(fmt: str, raw: Dict[str, object], path: str) -> AnyFlowConfig:
-    """A diffusers-style (AnyFlow or Wan) config dict -> AnyFlowConfig."""
-    raw = dict(raw)
-    if fmt == "wan-diffusers" or raw.get("_class_name") == "WanTransformer3DModel":
-        if raw.get("added_kv_proj_dim") or raw.get("image_dim"):
-            raise CheckpointError(f"{path}: a Wan2.1 image-to-video config (image inputs); this model is text-to-video")
-        for key in WAN_ONLY_CONFIG_KEYS:
-            raw.pop(key, None)
-    try:
-        return AnyFlowConfig.from_dict(raw)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
-
-
 def check_shapes(config: AnyFlowConfig, tensors: Mapping[str, LazyTensor], source_names: Mapping[str, str]) -> None:
     """Every tensor's name and shape against the model the config describes, and floating dtypes;
     errors list the keys (and both shapes)."""
@@ -305,27 +314,29 @@ def open_checkpoint(path: str, fmt: Optional[str] = None, config_path: Optional[
     raw = read_tensors(container, files)
     if raw and all(k.startswith(WAN_PREFIX) for k in raw):
         raw = {k[len(WAN_PREFIX):]: v for k, v in raw.items()}
-    detected = detect_format(list(raw))
+    detected = detect_format(list(raw), files[0])
     fmt = fmt or detected
     try:
         tensors, source_names = to_our_names(fmt, raw)
     except KeyMismatchError as exc:
         raise KeyMismatchError(f"{files[0]} ({FORMAT_DESCRIPTIONS[fmt]}): {exc}") from None
-    if config_path is not None:
-        config = config_from_file(fmt, read_json_object(config_path, "config JSON"), config_path)
-    elif found_config is not None and fmt in ("anyflow", "diffusers", "wan-diffusers"):
-        config = config_from_file(fmt, read_json_object(found_config, "config JSON"), found_config)
+    config_file = config_path if config_path is not None else (
+        found_config if fmt in ("anyflow", "diffusers", "wan-diffusers") else None
+    )
+    if config_file is not None:
+        reading = read_config(read_json_object(config_file, "config JSON"), config_file)
     else:
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
         try:
-            config = AnyFlowConfig(**infer_config(shapes))
+            reading = ConfigReading(AnyFlowConfig(**infer_config(shapes)), {})
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{files[0]}: cannot infer the config from tensor shapes ({exc}); pass --config") from None
-    check_shapes(config, tensors, source_names)
+    check_shapes(reading.config, tensors, source_names)
     ordered = {k: tensors[k] for k in sorted(tensors, key=_natural_key)}
     if container == "sharded safetensors":
         files = files + sorted({t.path for t in raw.values()})
-    return Checkpoint(os.path.abspath(path), fmt, container, files, config, ordered, source_names)
+    return Checkpoint(os.path.abspath(path), fmt, container, files, reading.config, ordered, source_names,
+                      reading.set_aside, config_file)
 
 
 def _natural_key(name: str):

@@ -112,15 +112,29 @@ def shard(tensors: Sequence[OutputTensor], max_shard_bytes: int) -> List[List[Ou
     return shards
 
 
+class OutputExistsError(CheckpointError):
+    """OUT exists and replacing it was not asked for (``force=True``, ``--force`` on the command line)."""
+
+    def __init__(self, out: str):
+        super().__init__(f"{out}: already exists; pass force=True to replace it (it is replaced only after success)")
+        self.out = out
+
+
+def _within(path: str, folder: str) -> bool:
+    return path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def check_destination(out: str, force: bool, sources: Sequence[str] = ()) -> None:
-    """Refuse an existing OUT without ``force``, and any source equal to or inside OUT."""
+    """Refuse an existing OUT without ``force``, any source equal to or inside OUT, and OUT inside a source folder."""
     real_out = os.path.realpath(out)
     for source in sources:
         real_src = os.path.realpath(source)
-        if real_src == real_out or real_src.startswith(real_out.rstrip(os.sep) + os.sep):
+        if real_src == real_out or _within(real_src, real_out):
             raise CheckpointError(f"{source}: the source is {'OUT itself' if real_src == real_out else 'inside OUT'} ({out}); refused")
+        if os.path.isdir(real_src) and _within(real_out, real_src):
+            raise CheckpointError(f"{out}: OUT is inside the source folder {source}, which is never modified; refused")
     if os.path.lexists(out) and not force:
-        raise CheckpointError(f"{out}: already exists; pass --force to replace it (it is replaced only after success)")
+        raise OutputExistsError(out)
     if os.path.lexists(out) and not os.path.isdir(out):
         raise CheckpointError(f"{out}: exists and is not a folder; refused")
 
