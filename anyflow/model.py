@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -15,7 +16,7 @@ from .block import DiTBlock, modulate, modulation_table
 from .config import AnyFlowConfig
 from .context import ImageProjection, TextProjection
 from .linear import Linear
-from .parameters import is_fp32_island
+from .parameters import DTYPE_NAMES, is_fp32_island
 from .patchify import PatchEmbed, unpatchify
 from .rope import rope_rotations
 from .timestep import DualTimestepEmbedding
@@ -35,11 +36,22 @@ class PreparedContext:
     """The context embedded once, with every block's cross-attention keys and values.
 
     Made by :meth:`AnyFlowTransformer3DModel.prepare_context`; pass it as ``encoder_hidden_states``
-    to reuse it across the steps of a sampler.
+    to reuse it across the steps of a sampler. It belongs to the model that made it (its keys and
+    values come from that model's weights): another model refuses it.
     """
 
     batch_size: int
     kv: List[Tuple[torch.Tensor, torch.Tensor]]
+    owner: "weakref.ref[AnyFlowTransformer3DModel]"
+
+    @staticmethod
+    def cat(contexts: Sequence["PreparedContext"]) -> "PreparedContext":
+        """Contexts of one model stacked along the batch (for example negative and positive prompts)."""
+        owners = {id(c.owner()) for c in contexts}
+        if len(owners) != 1:
+            raise ValueError("cannot stack PreparedContexts made by different models")
+        kv = [tuple(torch.cat(parts) for parts in zip(*layer)) for layer in zip(*(c.kv for c in contexts))]
+        return PreparedContext(sum(c.batch_size for c in contexts), kv, contexts[0].owner)
 
 
 class OutputHead(nn.Module):
@@ -93,12 +105,17 @@ class AnyFlowTransformer3DModel(nn.Module):
     def device(self) -> torch.device:
         return self.patch_embed.proj.weight.device
 
-    def to_dtype(self, dtype: torch.dtype) -> "AnyFlowTransformer3DModel":
-        """Cast in place to ``dtype``, keeping :data:`anyflow.parameters.FP32_ISLANDS` in float32. Returns self.
+    def to_dtype(self, dtype: Union[str, torch.dtype]) -> "AnyFlowTransformer3DModel":
+        """Cast in place to ``dtype`` (a torch dtype or "float32", "bfloat16", "float16"), keeping
+        :data:`anyflow.parameters.FP32_ISLANDS` in float32. Returns self.
 
         This is the one supported way to hold the model in bfloat16 or float16.
         """
-        if not dtype.is_floating_point:
+        if isinstance(dtype, str):
+            if dtype not in DTYPE_NAMES:
+                raise ValueError(f"dtype must be a torch dtype or one of {list(DTYPE_NAMES)}, got {dtype!r}")
+            dtype = getattr(torch, dtype)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating point dtype, got {dtype}")
         for name, param in self.named_parameters():
             param.data = param.data.to(torch.float32 if is_fp32_island(name) else dtype)
@@ -108,22 +125,34 @@ class AnyFlowTransformer3DModel(nn.Module):
     def from_pretrained(
         cls, path: str, dtype: Optional[Union[str, torch.dtype]] = None, device: Union[str, torch.device] = "cpu"
     ) -> "AnyFlowTransformer3DModel":
-        """Load our layout, a Hub diffusers snapshot (or its ``transformer`` folder), a single
-        safetensors file, an authors' ``.pt`` or a Wan2.1 base checkpoint (warm start).
+        """Load any checkpoint :mod:`weights_convert` reads: our layout, a Hub snapshot (or its
+        ``transformer`` folder), a single safetensors file, an authors' ``.pt``, a Wan2.1 base (warm start).
 
-        Diffusers names are mapped on the fly, no temporary files. The model is built on the meta
-        device and the tensors are assigned. ``dtype`` None keeps the checkpoint's dtype; a half
-        dtype keeps the fp32 islands in float32. Reading is done by :mod:`weights_convert`.
+        ``dtype`` (a torch dtype or "float32", "bfloat16", "float16"; None keeps the checkpoint's)
+        keeps the fp32 islands in float32 in half precision. Names are mapped on the fly, no
+        temporary files; safetensors are mapped, not copied, where no cast is needed.
         """
-        from weights_convert.conversion import load_model  # the converter owns every file format
+        from weights_convert import load_checkpoint  # reads every layout into (config, tensors under our names)
 
-        return load_model(path, dtype=dtype, device=device)
+        config, state_dict = load_checkpoint(path, dtype=dtype, device=device)
+        return cls.from_state_dict(config, state_dict)
+
+    @classmethod
+    def from_state_dict(cls, config: AnyFlowConfig, state_dict: Mapping[str, torch.Tensor]) -> "AnyFlowTransformer3DModel":
+        """The model of ``config`` holding exactly these tensors (our names; no initialisation, no copy)."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        return model.eval()
 
     def save_pretrained(self, path: str, max_shard_size: str = "5GB", force: bool = False) -> None:
-        """Write our layout to folder ``path``: ``config.json`` and ``model.safetensors`` (or shards)."""
-        from weights_convert.conversion import save_model
+        """Write our layout to folder ``path``: ``config.json`` and ``model.safetensors`` (or shards).
 
-        save_model(self, path, max_shard_size=max_shard_size, force=force)
+        An existing ``path`` is replaced only with ``force=True``, and only after the new one is complete.
+        """
+        from weights_convert import save_state_dict
+
+        save_state_dict(self.config, self.state_dict(), path, max_shard_size=max_shard_size, force=force)
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in the backward pass (saves memory when training)."""
@@ -135,7 +164,8 @@ class AnyFlowTransformer3DModel(nn.Module):
         """Embed text (B, S, text_dim) and image (B, S_img, image_dim) tokens and project every
         block's cross-attention keys and values, once."""
         context = self._embed_context(encoder_hidden_states, encoder_hidden_states_image)
-        return PreparedContext(context.shape[0], [block.cross_attn.context_kv(context) for block in self.blocks])
+        kv = [block.cross_attn.context_kv(context) for block in self.blocks]
+        return PreparedContext(context.shape[0], kv, weakref.ref(self))
 
     def _embed_context(self, text: torch.Tensor, image: Optional[torch.Tensor]) -> torch.Tensor:
         """Checked text (B, S, text_dim) and image (B, S_img, image_dim) tokens -> context (B, S_img + S, D)."""
@@ -179,6 +209,7 @@ class AnyFlowTransformer3DModel(nn.Module):
         if isinstance(encoder_hidden_states, PreparedContext):
             if encoder_hidden_states_image is not None:
                 raise ValueError("encoder_hidden_states_image must be None when passing a PreparedContext")
+            self._check_prepared(encoder_hidden_states)
             prepared, context = encoder_hidden_states, None
             context_batch = prepared.batch_size
         else:
@@ -228,6 +259,20 @@ class AnyFlowTransformer3DModel(nn.Module):
                 f"patch grid (frames, rows, columns) = {grid} exceeds rope_max_seq_len={cfg.rope_max_seq_len}"
             )
         return grid
+
+    def _check_prepared(self, prepared: PreparedContext) -> None:
+        """A PreparedContext must come from this model, in its current dtype and device."""
+        if prepared.owner() is not self:
+            raise ValueError(
+                "encoder_hidden_states is a PreparedContext made by another model (its keys and values come from "
+                "that model's weights); make one with this model's prepare_context"
+            )
+        key = prepared.kv[0][0]
+        if key.dtype != self.dtype or key.device != self.device:
+            raise ValueError(
+                f"the PreparedContext holds {key.dtype} on {key.device} but the model is now {self.dtype} on "
+                f"{self.device}; prepare it again after moving or casting the model"
+            )
 
     def _check_context(self, text: torch.Tensor, image: Optional[torch.Tensor]) -> None:
         cfg = self.config

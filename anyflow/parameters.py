@@ -23,6 +23,9 @@ FP32_ISLANDS = (
 
 Shape = Tuple[int, ...]
 
+# The dtypes the model can be held in, by the names the API and the CLIs take.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
 
 def is_fp32_island(param_name: str) -> bool:
     """Whether a parameter of :class:`AnyFlowTransformer3DModel` stays float32 in half precision."""

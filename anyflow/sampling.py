@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
+from .model import PreparedContext
+
 TRAIN_TIMESTEPS = 1000
+Context = Union[torch.Tensor, PreparedContext]
 
 
 def flow_map_sigmas(num_steps: int = 4, shift: float = 5.0, sigmas: Optional[Sequence[float]] = None) -> torch.Tensor:
@@ -25,7 +28,8 @@ def flow_map_sigmas(num_steps: int = 4, shift: float = 5.0, sigmas: Optional[Seq
 
     Without ``sigmas`` the base levels are ``linspace(1, 0, N + 1)[:N]``; either way they are
     shifted, ``shift * s / (1 + (shift - 1) * s)``, and a 0 is appended. ``sigmas`` must be
-    strictly decreasing and inside [0, 1]; it sets N.
+    strictly decreasing and inside [0, 1]; it sets N. A schedule in which no step would run
+    (``sigmas=[0.0]``) is refused.
     """
     if not (isinstance(shift, numbers.Real) and math.isfinite(shift) and shift > 0):
         raise ValueError(f"shift must be a positive finite number, got {shift!r}")
@@ -41,21 +45,31 @@ def flow_map_sigmas(num_steps: int = 4, shift: float = 5.0, sigmas: Optional[Seq
             raise ValueError(f"sigmas must lie in [0, 1], got {base.tolist()}")
         if (base[1:] >= base[:-1]).any():
             raise ValueError(f"sigmas must be strictly decreasing, got {base.tolist()}")
+        if base[0] == 0:
+            raise ValueError(f"sigmas {base.tolist()} give no step: the schedule ends at 0, where it starts")
     shifted = base if shift == 1.0 else shift * base / (1 + (shift - 1) * base)
     return torch.cat([shifted, shifted.new_zeros(1)])
+
+
+def steps_to_run(schedule: torch.Tensor) -> List[int]:
+    """The indices i of the steps ``schedule[i] -> schedule[i + 1]`` that run: every one with t != r.
+
+    Custom sigmas ending in 0 make a last step from 0 to the terminal 0, which is skipped.
+    """
+    return [i for i in range(len(schedule) - 1) if schedule[i] != schedule[i + 1]]
 
 
 def sample(
     model,
     noise: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
+    encoder_hidden_states: Context,
     *,
     num_steps: int = 4,
     sigmas: Optional[Sequence[float]] = None,
     shift: float = 5.0,
     use_mean_velocity: bool = True,
     guidance_scale: float = 1.0,
-    negative_encoder_hidden_states: Optional[torch.Tensor] = None,
+    negative_encoder_hidden_states: Optional[Context] = None,
     context_latents: Optional[torch.Tensor] = None,
     callback: Optional[Callable[[int, float, torch.Tensor], None]] = None,
 ) -> torch.Tensor:
@@ -65,18 +79,20 @@ def sample(
         model: an :class:`anyflow.AnyFlowTransformer3DModel` (only its ``forward`` and
             ``prepare_context`` are used).
         noise: initial latents (B, F, C, H, W), standard normal; frames before channels.
-        encoder_hidden_states: UMT5 embeddings (B, S, text_dim).
+        encoder_hidden_states: UMT5 embeddings (B, S, text_dim), or a :class:`PreparedContext`
+            made by ``model.prepare_context``.
         num_steps: number of steps N (ignored when ``sigmas`` is given).
         sigmas: custom base noise levels (length N, strictly decreasing, in [0, 1]); shifted too.
         shift: schedule shift (5 for the released checkpoints).
         use_mean_velocity: step from t to r with the flow map (True), or plain Euler with r = t.
         guidance_scale: classifier-free guidance ``u_uncond + g (u_cond - u_uncond)`` when > 1;
             the released weights need none (1.0). Needs ``negative_encoder_hidden_states``.
-        negative_encoder_hidden_states: embeddings of the negative prompt, same shape as
+        negative_encoder_hidden_states: embeddings of the negative prompt, same shape (or kind) as
             ``encoder_hidden_states``; used only when ``guidance_scale > 1``.
         context_latents: K given latent frames (B, K, C, H, W): they replace the first K frames
             before every step, with source timestep t = 0, and are written back at the end.
-        callback: called after every step as ``callback(step_index, t, latents)``.
+        callback: called after every step that runs as ``callback(step_index, t, latents)``,
+            ``step_index`` counting the schedule's steps (see :func:`steps_to_run`).
 
     Returns:
         The latents (B, F, C, H, W) in the model's dtype.
@@ -88,21 +104,18 @@ def sample(
     device, dtype = model.device, model.dtype
     latents = noise.to(device=device, dtype=dtype, copy=True)  # never write into the caller's noise
     batch, frames = latents.shape[:2]
-    text = encoder_hidden_states
-    if guided:
-        text = torch.cat([negative_encoder_hidden_states, encoder_hidden_states])  # uncond first
+    contexts = [negative_encoder_hidden_states, encoder_hidden_states] if guided else [encoder_hidden_states]
     with torch.no_grad():
-        context = model.prepare_context(text.to(device))
+        prepared = [c if isinstance(c, PreparedContext) else model.prepare_context(c.to(device)) for c in contexts]
+    context = PreparedContext.cat(prepared) if guided else prepared[0]  # uncond first
     given = 0 if context_latents is None else context_latents.shape[1]
     if given:
         context_latents = context_latents.to(device=device, dtype=dtype)
     copies = 2 if guided else 1
 
-    for i in range(len(schedule) - 1):
+    for i in steps_to_run(schedule):
         t = schedule[i] * TRAIN_TIMESTEPS
         r = schedule[i + 1] * TRAIN_TIMESTEPS
-        if t == r:
-            continue
         if given:
             latents[:, :given] = context_latents
         model_input = torch.cat([latents] * copies) if guided else latents
@@ -131,13 +144,21 @@ def _check_guidance(scale, positive, negative) -> bool:
         raise ValueError(
             f"guidance_scale={scale} needs negative_encoder_hidden_states (the negative prompt's embeddings)"
         )
-    if not isinstance(negative, torch.Tensor) or tuple(negative.shape) != tuple(positive.shape):
-        shape = tuple(negative.shape) if isinstance(negative, torch.Tensor) else type(negative).__name__
+    if _describe(negative) != _describe(positive):
         raise ValueError(
-            f"negative_encoder_hidden_states must have the shape of encoder_hidden_states "
-            f"{tuple(positive.shape)}, got {shape}"
+            f"negative_encoder_hidden_states must be like encoder_hidden_states ({_describe(positive)}), "
+            f"got {_describe(negative)}"
         )
     return True
+
+
+def _describe(context) -> str:
+    """A context's kind and shape, for comparing the positive and negative ones and for errors."""
+    if isinstance(context, PreparedContext):
+        return f"a PreparedContext of batch {context.batch_size}"
+    if isinstance(context, torch.Tensor):
+        return f"a tensor of shape {tuple(context.shape)}"
+    return f"a {type(context).__name__}"
 
 
 def _check_sampling_inputs(model, noise, text, context_latents) -> None:
@@ -152,9 +173,14 @@ def _check_sampling_inputs(model, noise, text, context_latents) -> None:
             f"noise of shape {tuple(noise.shape)} does not fit the model: it needs C = in_channels = "
             f"{cfg.in_channels} at dim 2 and H, W divisible by the patch {ph}x{pw}"
         )
-    if not isinstance(text, torch.Tensor) or text.dim() != 3 or text.shape[-1] != cfg.text_dim or text.shape[0] != b:
+    if isinstance(text, PreparedContext):
+        if text.batch_size != b:
+            raise ValueError(f"encoder_hidden_states is a PreparedContext of batch {text.batch_size}, the noise has B={b}")
+    elif not isinstance(text, torch.Tensor) or text.dim() != 3 or text.shape[-1] != cfg.text_dim or text.shape[0] != b:
         shape = tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__
-        raise ValueError(f"encoder_hidden_states must be (B={b}, S, text_dim={cfg.text_dim}), got {shape}")
+        raise ValueError(
+            f"encoder_hidden_states must be (B={b}, S, text_dim={cfg.text_dim}) or a PreparedContext, got {shape}"
+        )
     if context_latents is not None:
         if (
             not isinstance(context_latents, torch.Tensor)

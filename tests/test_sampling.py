@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from anyflow import flow_map_sigmas, sample
+from anyflow.sampling import steps_to_run
 
 from conftest import oracle_and_ours, randomize_, small_config
+
+pytestmark = pytest.mark.reference  # compares with the oracle: rerun by CI without SIMD kernels
 
 BAR = 1e-5  # max|ours - pipeline| <= BAR * max|pipeline|
 
@@ -113,12 +116,16 @@ BAD = {
     "bad shift": (dict(shift=0.0), r"shift must be a positive finite number, got 0.0"),
     "guidance without negative": (dict(guidance_scale=4.0), r"guidance_scale=4.0 needs negative_encoder_hidden_states"),
     "negative shape": (dict(guidance_scale=4.0, negative_encoder_hidden_states=torch.zeros(1, 6, 24)),
-                       r"negative_encoder_hidden_states must have the shape of encoder_hidden_states \(1, 5, 24\), got \(1, 6, 24\)"),
+                       r"negative_encoder_hidden_states must be like encoder_hidden_states \(a tensor of shape \(1, 5, 24\)\), "
+                       r"got a tensor of shape \(1, 6, 24\)"),
     "noise 4-D": (dict(noise=torch.zeros(1, 4, 8, 8)), r"noise must be a 5-D tensor \(B, F, C, H, W\), got \(1, 4, 8, 8\)"),
     "noise channels": (dict(noise=torch.zeros(1, 3, 5, 8, 8)), r"noise of shape \(1, 3, 5, 8, 8\) does not fit the model"),
     "noise odd width": (dict(noise=torch.zeros(1, 3, 4, 8, 7)), r"divisible by the patch 2x2"),
-    "text width": (dict(text=torch.zeros(1, 5, 23)), r"encoder_hidden_states must be \(B=1, S, text_dim=24\), got \(1, 5, 23\)"),
-    "text batch": (dict(text=torch.zeros(2, 5, 24)), r"encoder_hidden_states must be \(B=1, S, text_dim=24\), got \(2, 5, 24\)"),
+    "text width": (dict(text=torch.zeros(1, 5, 23)),
+                   r"encoder_hidden_states must be \(B=1, S, text_dim=24\) or a PreparedContext, got \(1, 5, 23\)"),
+    "text batch": (dict(text=torch.zeros(2, 5, 24)),
+                   r"encoder_hidden_states must be \(B=1, S, text_dim=24\) or a PreparedContext, got \(2, 5, 24\)"),
+    "sigmas without a step": (dict(sigmas=[0.0]), r"sigmas \[0.0\] give no step"),
     "context too long": (dict(context_latents=torch.zeros(1, 4, 4, 8, 8)), r"context_latents must be \(B=1, K, C=4, H=8, W=8\) with 1 <= K <= F=3"),
     "context size": (dict(context_latents=torch.zeros(1, 1, 4, 8, 6)), r"context_latents must be"),
 }
@@ -132,3 +139,47 @@ def test_bad_sampling_input_names_the_argument(tiny_model, case):
     text = kwargs.pop("text", torch.zeros(1, 5, 24))
     with pytest.raises(ValueError, match=message):
         sample(tiny_model, noise, text, **kwargs)
+
+
+def test_a_prepared_context_samples_like_the_embeddings_it_was_made_from(tiny_model):
+    randomize_(tiny_model, 3)
+    gen = torch.Generator().manual_seed(2)
+    noise = torch.randn(2, 3, 4, 8, 8, generator=gen)
+    text, negative = torch.randn(2, 5, 24, generator=gen), torch.randn(2, 5, 24, generator=gen)
+    with torch.no_grad():
+        prepared, prepared_negative = tiny_model.prepare_context(text), tiny_model.prepare_context(negative)
+    assert torch.equal(sample(tiny_model, noise, prepared, num_steps=2), sample(tiny_model, noise, text, num_steps=2))
+    guided = dict(num_steps=2, guidance_scale=3.0)
+    assert torch.equal(sample(tiny_model, noise, prepared, negative_encoder_hidden_states=prepared_negative, **guided),
+                       sample(tiny_model, noise, text, negative_encoder_hidden_states=negative, **guided))
+    with pytest.raises(ValueError, match=r"must be like encoder_hidden_states \(a PreparedContext of batch 2\), got a tensor"):
+        sample(tiny_model, noise, prepared, negative_encoder_hidden_states=negative, **guided)
+
+
+def test_a_context_prepared_by_another_model_is_refused(tiny_model):
+    from anyflow import AnyFlowTransformer3DModel
+
+    noise, text = torch.zeros(1, 3, 4, 8, 8), torch.zeros(1, 5, 24)
+    for other_config in (small_config(), small_config(num_layers=3), small_config(num_attention_heads=4)):
+        with torch.no_grad():
+            foreign = AnyFlowTransformer3DModel(other_config).eval().prepare_context(text)
+        with pytest.raises(ValueError, match="a PreparedContext made by another model"):
+            tiny_model(noise, 500.0, 250.0, foreign)
+        with pytest.raises(ValueError, match="a PreparedContext made by another model"):
+            sample(tiny_model, noise, foreign, num_steps=1)
+    with torch.no_grad():
+        own = tiny_model.prepare_context(text)
+    tiny_model.to_dtype("bfloat16")
+    with pytest.raises(ValueError, match=r"holds torch.float32 on cpu but the model is now torch.bfloat16 on cpu"):
+        tiny_model(noise, 500.0, 250.0, own)
+
+
+def test_a_last_step_from_zero_to_zero_is_skipped_and_not_counted(tiny_model):
+    randomize_(tiny_model, 4)
+    schedule = flow_map_sigmas(sigmas=[1.0, 0.5, 0.0])
+    assert len(schedule) == 4 and steps_to_run(schedule) == [0, 1]
+    seen = []
+    noise, text = torch.randn(1, 3, 4, 8, 8), torch.randn(1, 5, 24)
+    out = sample(tiny_model, noise, text, sigmas=[1.0, 0.5, 0.0], callback=lambda i, t, z: seen.append(i))
+    assert seen == [0, 1]
+    assert torch.equal(out, sample(tiny_model, noise, text, sigmas=[1.0, 0.5]))

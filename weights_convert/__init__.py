@@ -15,7 +15,8 @@ _EXPORTS = {
     "CheckpointError": "safetensors_io",
     "open_checkpoint": "sources",
     "convert": "conversion",
-    "load_model": "conversion",
+    "load_checkpoint": "conversion",
+    "save_state_dict": "conversion",
 }
 
 __all__ = sorted(_EXPORTS)

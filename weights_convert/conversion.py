@@ -6,13 +6,15 @@ copies byte ranges. Casting, ``.pt`` sources and loading a model do.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, TextIO, Union
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, TextIO, Tuple, Union
 
-from anyflow.parameters import is_fp32_island
+from anyflow.config import AnyFlowConfig
+from anyflow.parameters import DTYPE_NAMES, is_fp32_island
 
-from .safetensors_io import HALF_DTYPES, TensorRecord, dtype_code, map_records, torch_dtype
+from .safetensors_io import HALF_DTYPES, TensorRecord, dtype_code, itemsize, map_records, torch_dtype
 from .sources import Checkpoint, InMemoryTensor, open_checkpoint
 from .state_dict import rename_keys
 from .writer import OutputTensor, parse_size, write_checkpoint
@@ -20,9 +22,7 @@ from .writer import OutputTensor, parse_size, write_checkpoint
 if TYPE_CHECKING:
     import torch
 
-    from anyflow.model import AnyFlowTransformer3DModel
-
-DTYPES = {"keep": None, "float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+DTYPES = {"keep": None, **{name: dtype_code(name) for name in DTYPE_NAMES}}
 TARGETS = ("anyflow", "diffusers")
 STEMS = {"anyflow": "model", "diffusers": "diffusion_pytorch_model"}
 DIFFUSERS_VERSION = "0.42.1"
@@ -52,11 +52,17 @@ def resolve_dtype(dtype: Union[str, "torch.dtype", None]) -> Optional[str]:
     return code
 
 
-def config_json(checkpoint: Checkpoint, to: str) -> Dict[str, object]:
-    config = checkpoint.config.to_dict()
+def loaded_nbytes(checkpoint: Checkpoint, dtype: Union[str, "torch.dtype", None]) -> int:
+    """Bytes the checkpoint's tensors take once loaded in ``dtype`` (fp32 islands included)."""
+    code = resolve_dtype(dtype)
+    return sum(math.prod(t.shape) * itemsize(output_dtype(name, t.dtype, code)) for name, t in checkpoint.tensors.items())
+
+
+def config_json(config: AnyFlowConfig, to: str) -> Dict[str, object]:
+    """The ``config.json`` written for ``to``: the config's keys under diffusers' class name."""
     if to == "diffusers":
-        return {"_class_name": "AnyFlowTransformer3DModel", "_diffusers_version": DIFFUSERS_VERSION, **config}
-    return {"_class_name": "AnyFlowTransformer3DModel", "_format": "anyflow", **config}
+        return {"_class_name": "AnyFlowTransformer3DModel", "_diffusers_version": DIFFUSERS_VERSION, **config.to_dict()}
+    return {"_class_name": "AnyFlowTransformer3DModel", "_format": "anyflow", **config.to_dict()}
 
 
 @dataclass
@@ -97,50 +103,52 @@ def convert(
         dtype = output_dtype(k, lazy.dtype, target_dtype)
         same_bytes = lazy if isinstance(lazy, TensorRecord) and dtype == lazy.dtype else None
         tensors.append(OutputTensor(names[k], lazy.read, dtype, tuple(lazy.shape), same_bytes))
-    files = write_checkpoint(out, tensors, config_json(checkpoint, to), STEMS[to], max_bytes, force,
+    files = write_checkpoint(out, tensors, config_json(checkpoint.config, to), STEMS[to], max_bytes, force,
                              sources=[src] + checkpoint.files, progress=progress)
     return ConversionReport(checkpoint, out, files, sum(t.nbytes for t in tensors))
 
 
-def load_model(path: str, dtype: Union[str, "torch.dtype", None] = None, device: Union[str, "torch.device"] = "cpu",
-               from_format: Optional[str] = None, config_path: Optional[str] = None) -> "AnyFlowTransformer3DModel":
-    """Build an :class:`AnyFlowTransformer3DModel` from any supported checkpoint.
+def load_checkpoint(
+    path: str,
+    dtype: Union[str, "torch.dtype", None] = None,
+    device: Union[str, "torch.device"] = "cpu",
+    from_format: Optional[str] = None,
+    config_path: Optional[str] = None,
+) -> Tuple[AnyFlowConfig, Dict[str, "torch.Tensor"]]:
+    """Any supported checkpoint as (config, state dict under our names), ready for ``load_state_dict``.
 
-    The model is built on the meta device and the checkpoint's tensors are assigned to it (no
-    random init, no second copy). Safetensors files are mapped copy-on-write, so a tensor that
-    needs no cast or move is read from disk only when first used, and the file never changes.
-    ``dtype=None`` keeps the checkpoint's compute dtype; in half precision the fp32 islands are
-    float32 either way.
+    Safetensors files are mapped copy-on-write, so a tensor that needs no cast or move is read
+    from disk only when first used, and the file never changes. ``dtype=None`` keeps the
+    checkpoint's compute dtype; in half precision the fp32 islands are float32 either way.
     """
     import torch
-
-    from anyflow.model import AnyFlowTransformer3DModel
 
     checkpoint = open_checkpoint(path, from_format, config_path)
     dtype = resolve_dtype(dtype)
     if dtype is None:
         dtype = checkpoint.tensors["patch_embed.proj.weight"].dtype
     device = torch.device(device)
-    with torch.device("meta"):
-        model = AnyFlowTransformer3DModel(checkpoint.config)
-    records = [lazy for lazy in checkpoint.tensors.values() if isinstance(lazy, TensorRecord)]
-    mapped = map_records(records)
+    mapped = map_records([lazy for lazy in checkpoint.tensors.values() if isinstance(lazy, TensorRecord)])
     state = {}
     for name, lazy in checkpoint.tensors.items():
         tensor = mapped[lazy.name] if isinstance(lazy, TensorRecord) else lazy.read()
         state[name] = tensor.to(device=device, dtype=torch_dtype(output_dtype(name, lazy.dtype, dtype)))
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    return checkpoint.config, state
 
 
-def save_model(model: "AnyFlowTransformer3DModel", out: str, max_shard_size: Union[str, int] = "5GB",
-               force: bool = False) -> List[str]:
-    """Write ``model`` in our layout (``config.json`` + ``model.safetensors`` or shards) to folder ``out``."""
+def save_state_dict(
+    config: AnyFlowConfig,
+    state: Mapping[str, "torch.Tensor"],
+    out: str,
+    max_shard_size: Union[str, int] = "5GB",
+    force: bool = False,
+) -> List[str]:
+    """Write a state dict under our names in our layout (``config.json`` + ``model.safetensors`` or
+    shards) to folder ``out``, verified and atomically; returns the file names."""
     max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
-    state = model.state_dict()
     tensors = [
         OutputTensor(k, InMemoryTensor(k, v.detach().cpu()).read, dtype_code(v.dtype), tuple(v.shape))
         for k, v in state.items()
     ]
-    config = {"_class_name": "AnyFlowTransformer3DModel", "_format": "anyflow", **model.config.to_dict()}
-    return write_checkpoint(out, tensors, config, STEMS["anyflow"], max_bytes, force, progress=None)
+    return write_checkpoint(out, tensors, config_json(config, "anyflow"), STEMS["anyflow"], max_bytes, force,
+                            progress=None)
