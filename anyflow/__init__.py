@@ -8,6 +8,8 @@ does not pay for importing torch.
 
 from .lazy import lazy_exports
 
+__version__ = "0.1.0"
+
 _EXPORTS = {
     "AnyFlowConfig": "config",
     "PRESETS": "config",

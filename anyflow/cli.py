@@ -3,26 +3,37 @@
 Only argument parsing happens at start-up (``anyflow --help`` does not import torch); each
 subcommand imports what it needs. This module is the top of the import graph: it may use the
 library and the converter, and nothing imports it.
+
+``sample`` checks every argument it can before it loads a model or allocates a latent (the
+output path, the device, the schedule, the patch grid against the model's RoPE table, the
+embeddings, the memory the run needs), claims its output file early, and removes it again on
+any error or interrupt: a failed run leaves nothing behind and never replaces an input.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import sys
 import time
 from typing import List, Optional
 
+from . import __version__
+from .interrupts import Interrupted, signals_raise_interrupted
 from weights_convert.names import FORMATS
 
 PROMPT_KEY = "prompt_embeds"
 NEGATIVE_KEY = "negative_prompt_embeds"
 LATENTS_KEY = "latents"
 TINY_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")
+VAE_TIME_STRIDE, VAE_SPACE_STRIDE = 4, 8
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anyflow", description="AnyFlow video flow-map transformer tools.")
+    parser.add_argument("--version", action="version", version=f"anyflow {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = commands.add_parser(
@@ -37,15 +48,25 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"Sample video latents. The embeddings file is a safetensors file holding UMT5 embeddings "
         f"(B, S, 4096) under the key '{PROMPT_KEY}' (the negative file: '{NEGATIVE_KEY}'; it may be the same "
         f"file). The output safetensors file holds the latents under '{LATENTS_KEY}' in the diffusers layout "
-        "(B, C, F, H/8, W/8) that the Wan VAE decodes (see scripts/encode_decode.py).",
+        "(B, C, F, H/8, W/8) that the Wan VAE decodes (see scripts/encode_decode.py). Every argument is checked, "
+        "and the memory the run needs estimated, before the model is loaded.",
     )
-    sample.add_argument("--model", required=True, metavar="PATH", help="anything from_pretrained takes")
-    sample.add_argument("--prompt-embeds", required=True, metavar="FILE")
-    sample.add_argument("--negative-embeds", metavar="FILE", help="needed when --guidance-scale > 1")
+    sample.add_argument("--model", required=True, metavar="PATH",
+                        help="checkpoint: our layout, a Hub snapshot or its transformer/ folder, a .safetensors, "
+                        "an authors' .pt, a Wan2.1 base (anything from_pretrained takes)")
+    sample.add_argument("--prompt-embeds", required=True, metavar="FILE",
+                        help=f"safetensors file with UMT5 embeddings (B, S, 4096) under '{PROMPT_KEY}'")
+    sample.add_argument("--negative-embeds", metavar="FILE",
+                        help=f"safetensors file with the negative prompt's embeddings under '{NEGATIVE_KEY}' "
+                        "(needed when --guidance-scale > 1)")
     sample.add_argument("--steps", type=int, default=4, help="number of steps (default 4)")
-    sample.add_argument("--shift", type=float, default=5.0, help="schedule shift (default 5)")
-    sample.add_argument("--sigmas", type=float, nargs="+", help="custom decreasing noise levels in [0, 1]; sets the steps")
-    sample.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (default 1: off)")
+    sample.add_argument("--shift", type=float, default=5.0, help="schedule shift (default 5, as the released models)")
+    sample.add_argument("--sigmas", type=float, nargs="+", metavar="SIGMA",
+                        help="custom strictly decreasing base noise levels in [0, 1]; they are shifted like the "
+                        "default schedule (add --shift 1 to use them as given), a terminal 0 is appended, and "
+                        "they replace --steps")
+    sample.add_argument("--guidance-scale", type=float, default=1.0,
+                        help="classifier-free guidance (default 1: off; the released weights need none)")
     sample.add_argument("--raw-euler", action="store_true", help="plain Euler steps (r = t) instead of flow-map steps")
     sample.add_argument("--frames", type=int, default=81, help="video frames, 4k + 1 (default 81)")
     sample.add_argument("--height", type=int, default=480, help="pixels, a multiple of 16 (default 480)")
@@ -53,21 +74,37 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     sample.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="model dtype; auto = bfloat16 on CUDA, float32 on CPU")
-    sample.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    sample.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     sample.add_argument("--out", required=True, metavar="FILE", help="output .safetensors file")
-    sample.add_argument("--force", action="store_true", help="replace an existing output file")
+    sample.add_argument("--force", action="store_true",
+                        help="replace an existing output file (never one of the inputs)")
     sample.set_defaults(run=run_sample)
 
-    inspect = commands.add_parser("inspect", help="describe a checkpoint from its headers (no weights read)")
+    inspect = commands.add_parser("inspect", help="describe a checkpoint from its headers (no weights read)",
+                                  description="Describe a checkpoint from its headers: format, files, config "
+                                  "(and config keys set aside), parameters, dtypes. No weights are read.")
     inspect.add_argument("path", metavar="PATH", help="checkpoint file or folder")
-    inspect.add_argument("--from", dest="from_format", choices=FORMATS)
+    inspect.add_argument("--from", dest="from_format", choices=FORMATS,
+                         help="read the checkpoint's names as this layout instead of detecting it")
     inspect.set_defaults(run=run_inspect)
     return parser
+
+
+def count(n: float) -> str:
+    """A count in engineering-style scientific notation: 1.42e9, 4.44e5, 12."""
+    if n < 1000:
+        return f"{n:g}"
+    exponent = int(math.floor(math.log10(n)))
+    mantissa = round(n / 10**exponent, 2)
+    if mantissa >= 10:  # 9.996e5 rounds to 10.00
+        mantissa, exponent = mantissa / 10, exponent + 1
+    return f"{mantissa:.2f}e{exponent}"
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     from collections import Counter
 
+    from weights_convert.configs import describe_keys
     from weights_convert.safetensors_io import DTYPES
     from weights_convert.sources import open_checkpoint
 
@@ -78,73 +115,217 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"path: {checkpoint.path}")
     print(f"format: {checkpoint.description}")
     print(f"files: {', '.join(checkpoint.files)}")
-    print(f"config: {checkpoint.config.to_dict()}")
-    print(f"parameters: {checkpoint.num_parameters:,} ({checkpoint.num_parameters / 1e9:.2f}e9) in {len(checkpoint.tensors)} tensors")
+    print(f"config: {checkpoint.config.to_dict()} ({checkpoint.config_file or 'inferred from the tensor shapes'})")
+    if checkpoint.config_set_aside:
+        print(f"config keys set aside (they do not change this model): {describe_keys(checkpoint.config_set_aside)}")
+    print(f"parameters: {checkpoint.num_parameters:,} ({count(checkpoint.num_parameters)}) in {len(checkpoint.tensors)} tensors")
     print(f"dtypes: {', '.join(f'{d} {n / 1e6:.1f} MB' for d, n in sorted(dtypes.items()))}")
     print(f"bytes: {checkpoint.nbytes:,}")
     return 0
 
 
-def read_embeddings(path: str, key: str):
-    """The tensor under ``key`` in a safetensors file, with an error that names both."""
-    from weights_convert.safetensors_io import read_header
+def same_file(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
 
-    records, _ = read_header(path)
-    if key not in records:
-        raise ValueError(f"{path}: no tensor under the key '{key}' (keys: {sorted(records)[:10]})")
-    return records[key].read()
+
+def inside(path: str, folder: str) -> bool:
+    folder = os.path.realpath(folder).rstrip(os.sep) + os.sep
+    return os.path.realpath(path).startswith(folder)
+
+
+def check_out(out: str, force: bool, inputs: List[tuple]) -> None:
+    """Refuse an --out that is a folder, lies in no folder, exists (without --force) or is an input.
+
+    ``inputs`` are (argument, path) pairs; a folder input (a checkpoint folder) protects all it holds.
+    """
+    for argument, path in inputs:
+        if path and same_file(out, path):
+            raise ValueError(f"--out {out}: is the input {argument} {path}; --force never replaces an input")
+        if path and os.path.isdir(path) and inside(out, path):
+            raise ValueError(f"--out {out}: is inside the input {argument} {path}; --force never replaces an input")
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out}: is a folder; give a file name, for example {os.path.join(out, 'latents.safetensors')}")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {out}: the folder {parent} does not exist")
+    if os.path.lexists(out) and not force:
+        raise ValueError(f"--out {out}: already exists; pass --force to replace it")
 
 
 def latent_shape(frames: int, height: int, width: int):
     """(F, H/8, W/8) of the Wan VAE latents for a video, with errors naming the argument."""
-    if frames < 1 or (frames - 1) % 4:
+    if frames < 1 or (frames - 1) % VAE_TIME_STRIDE:
         raise ValueError(f"--frames must be 4k + 1 (the Wan VAE compresses time by 4), got {frames}")
     for name, value in (("--height", height), ("--width", width)):
         if value < 16 or value % 16:
             raise ValueError(f"{name} must be a positive multiple of 16 (VAE stride 8 x patch 2), got {value}")
-    return (frames - 1) // 4 + 1, height // 8, width // 8
+    return (frames - 1) // VAE_TIME_STRIDE + 1, height // VAE_SPACE_STRIDE, width // VAE_SPACE_STRIDE
+
+
+def check_grid(config, frames: int, height: int, width: int) -> None:
+    """The patch grid of a video against the model's patch and its RoPE table, naming the argument."""
+    limit = config.rope_max_seq_len
+    _, ph, pw = config.patch_size
+    latent_frames, h, w = latent_shape(frames, height, width)
+    for argument, value, size, patch, most in (
+        ("--frames", frames, latent_frames, 1, VAE_TIME_STRIDE * (limit - 1) + 1),
+        ("--height", height, h, ph, VAE_SPACE_STRIDE * ph * limit),
+        ("--width", width, w, pw, VAE_SPACE_STRIDE * pw * limit),
+    ):
+        if size % patch:
+            raise ValueError(f"{argument} {value}: {size} latent pixels are not divisible by the model's patch {patch}")
+        if size // patch > limit:
+            raise ValueError(f"{argument} {value}: {size // patch} positions exceed the model's rope_max_seq_len={limit} "
+                             f"(at most {argument} {most})")
+
+
+def resolve_device(name: Optional[str]):
+    """The torch device named by --device, checked to exist here."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name}: not a device type torch knows; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU is available here (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {name}: MPS is not available here; use --device cpu")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: {device.type} is not supported; use cpu, cuda or cuda:N")
+    return device
+
+
+def read_embeddings(argument: str, path: str, key: str, text_dim: int):
+    """The embeddings (B, S, text_dim) under ``key`` in a safetensors file, checked, with errors naming both."""
+    import torch
+
+    from weights_convert.safetensors_io import read_header
+
+    records, _ = read_header(path)
+    if key not in records:
+        raise ValueError(f"{argument} {path}: no tensor under the key '{key}' (keys: {sorted(records)[:10]})")
+    tensor = records[key].read()
+    shape = tuple(tensor.shape)
+    if len(shape) != 3 or shape[2] != text_dim or not tensor.is_floating_point():
+        raise ValueError(f"{argument} {path}: '{key}' is {tensor.dtype} {shape}; expected floats (B, S, {text_dim})")
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"{argument} {path}: '{key}' of shape {shape} holds no {'prompt' if shape[0] == 0 else 'token'}")
+    bad = (~torch.isfinite(tensor)).sum().item()
+    if bad:
+        raise ValueError(f"{argument} {path}: '{key}' has {bad} NaN or infinite values")
+    return tensor
+
+
+class ClaimedOutput:
+    """The output file, claimed before the expensive part: a hidden partial file in the target folder
+    (which proves it writable), renamed onto the target when complete and removed otherwise."""
+
+    def __init__(self, out: str):
+        self.out = out
+        folder, name = os.path.split(os.path.abspath(out))
+        self.partial = os.path.join(folder, f".{name}.partial-{os.getpid()}")
+        try:
+            os.close(os.open(self.partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except OSError as exc:
+            raise ValueError(f"--out {out}: cannot write in {folder}: {exc.strerror}") from None
+
+    def __enter__(self) -> "ClaimedOutput":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if os.path.lexists(self.partial):
+            os.remove(self.partial)
+
+    def commit(self, tensors, metadata) -> None:
+        from weights_convert.safetensors_io import write_file
+
+        write_file(self.partial, tensors, metadata)
+        os.replace(self.partial, self.out)
 
 
 def run_sample(args: argparse.Namespace) -> int:
+    inputs = [("--prompt-embeds", args.prompt_embeds), ("--negative-embeds", args.negative_embeds),
+              ("--model", args.model)]
+    check_out(args.out, args.force, inputs)
+    frames, h, w = latent_shape(args.frames, args.height, args.width)
+    if not (math.isfinite(args.shift) and args.shift > 0):
+        raise ValueError(f"--shift must be a positive finite number, got {args.shift}")
+
     import torch
 
-    from anyflow import AnyFlowTransformer3DModel, flow_map_sigmas, sample
-    from weights_convert.safetensors_io import write_file
+    from anyflow import AnyFlowTransformer3DModel, sample
+    from anyflow.memory import available_memory, estimate_sampling_memory, gib
+    from anyflow.sampling import flow_map_sigmas, steps_to_run
+    from weights_convert.conversion import loaded_nbytes
+    from weights_convert.sources import open_checkpoint
 
-    if os.path.exists(args.out) and not args.force:
-        raise ValueError(f"{args.out}: already exists; pass --force to replace it")
-    frames, h, w = latent_shape(args.frames, args.height, args.width)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        schedule = flow_map_sigmas(args.steps, args.shift, args.sigmas)
+    except ValueError as exc:
+        raise ValueError(f"{'--sigmas' if args.sigmas else '--steps'}: {exc}") from None
+    steps = steps_to_run(schedule)
+    device = resolve_device(args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    text = read_embeddings(args.prompt_embeds, PROMPT_KEY)
-    negative = read_embeddings(args.negative_embeds, NEGATIVE_KEY) if args.negative_embeds else None
-    schedule = flow_map_sigmas(args.steps, args.shift, args.sigmas)  # checks the schedule before loading
 
-    start = time.perf_counter()
-    model = AnyFlowTransformer3DModel.from_pretrained(args.model, dtype=dtype, device=device)
-    print(f"loaded {args.model} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}e9 parameters, {dtype}, "
-          f"{device}) in {time.perf_counter() - start:.1f} s", flush=True)
-    generator = torch.Generator().manual_seed(args.seed)
-    noise = torch.randn(text.shape[0], frames, model.config.in_channels, h, w, generator=generator)
+    checkpoint = open_checkpoint(args.model)  # headers only: config and sizes before loading anything
+    check_out(args.out, args.force, [("--model", f) for f in checkpoint.files + [checkpoint.config_file]])
+    config = checkpoint.config
+    check_grid(config, args.frames, args.height, args.width)
+    text = read_embeddings("--prompt-embeds", args.prompt_embeds, PROMPT_KEY, config.text_dim)
+    guided = args.guidance_scale > 1
+    if guided and not args.negative_embeds:
+        raise ValueError(f"--guidance-scale {args.guidance_scale} needs --negative-embeds (the negative prompt's embeddings)")
+    negative = read_embeddings("--negative-embeds", args.negative_embeds, NEGATIVE_KEY, config.text_dim) if guided else None
+    if negative is not None and negative.shape != text.shape:
+        raise ValueError(f"--negative-embeds: shape {tuple(negative.shape)} differs from --prompt-embeds {tuple(text.shape)}")
 
-    steps = len(schedule) - 1
-    last = [time.perf_counter()]
+    noise_shape = (text.shape[0], frames, config.in_channels, h, w)
+    element_size = torch.empty(0, dtype=dtype).element_size()
+    estimate = estimate_sampling_memory(config, loaded_nbytes(checkpoint, dtype), noise_shape, text.shape[1],
+                                        element_size, guided)
+    free = available_memory(device)
+    print(f"memory: about {estimate.describe()} needed; {gib(free) if free is not None else 'unknown'} available "
+          f"on {device}", flush=True)
+    if free is not None and estimate.total > free:
+        raise ValueError(f"--frames {args.frames} --height {args.height} --width {args.width}: the run needs about "
+                         f"{gib(estimate.total)} but {device} has {gib(free)} available; use fewer frames or pixels")
 
-    def progress(i: int, t: float, latents) -> None:
-        now = time.perf_counter()
-        print(f"  step {i + 1}/{steps}: t = {t:7.2f} -> r = {1000 * schedule[i + 1].item():7.2f}  "
-              f"{now - last[0]:.2f} s", flush=True)
-        last[0] = now
+    with ClaimedOutput(args.out) as output:
+        start = time.perf_counter()
+        model = AnyFlowTransformer3DModel.from_pretrained(args.model, dtype=dtype, device=device)
+        print(f"loaded {args.model} ({count(sum(p.numel() for p in model.parameters()))} parameters, {dtype}, "
+              f"{device}) in {time.perf_counter() - start:.1f} s", flush=True)
+        noise = torch.randn(noise_shape, generator=torch.Generator().manual_seed(args.seed))
 
-    latents = sample(model, noise, text.to(dtype), num_steps=args.steps, sigmas=args.sigmas, shift=args.shift,
-                     use_mean_velocity=not args.raw_euler, guidance_scale=args.guidance_scale,
-                     negative_encoder_hidden_states=None if negative is None else negative.to(dtype), callback=progress)
-    latents = latents.float().transpose(1, 2).contiguous().cpu()  # diffusers layout (B, C, F, H, W)
-    partial = f"{args.out}.partial-{os.getpid()}"
-    write_file(partial, [(LATENTS_KEY, latents)], {"steps": str(steps), "shift": str(args.shift), "seed": str(args.seed)})
-    os.replace(partial, args.out)
-    print(f"wrote {args.out}: '{LATENTS_KEY}' {tuple(latents.shape)} float32 (B, C, F, H, W)")
+        started = last = time.perf_counter()
+
+        def progress(i: int, t: float, latents) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            done = steps.index(i) + 1
+            left = (now - started) / done * (len(steps) - done)
+            print(f"  step {done}/{len(steps)}: t = {t:7.2f} -> r = {1000 * schedule[i + 1].item():7.2f}  "
+                  f"{now - last:.2f} s  (elapsed {now - started:.1f} s, about {left:.1f} s left)", flush=True)
+            last = now
+
+        latents = sample(model, noise, text.to(dtype), num_steps=args.steps, sigmas=args.sigmas, shift=args.shift,
+                         use_mean_velocity=not args.raw_euler, guidance_scale=args.guidance_scale,
+                         negative_encoder_hidden_states=None if negative is None else negative.to(dtype),
+                         callback=progress)
+        latents = latents.float().transpose(1, 2).contiguous().cpu()  # diffusers layout (B, C, F, H, W)
+        metadata = {"steps": str(len(steps)), "sigmas": json.dumps([round(s, 6) for s in schedule.tolist()]),
+                    "shift": str(args.shift), "seed": str(args.seed), "guidance_scale": str(args.guidance_scale),
+                    "flow_map": str(not args.raw_euler).lower()}
+        output.commit([(LATENTS_KEY, latents)], metadata)
+    print(f"wrote {args.out}: '{LATENTS_KEY}' {tuple(latents.shape)} float32 (B, C, F, H, W) after {len(steps)} step(s)")
     return 0
 
 
@@ -193,10 +374,14 @@ def run_demo(args: argparse.Namespace) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with signals_raise_interrupted():
+            return args.run(args)
     except (ValueError, OSError) as exc:  # CheckpointError and KeyMismatchError are ValueErrors
         print(f"anyflow {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as stop:
+        print(f"anyflow {args.command}: interrupted ({stop}); nothing was written", file=sys.stderr)
+        return stop.exit_code
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Forward speed and memory, ours against diffusers' AnyFlowTransformer3DModel, side by side in one run.
 
-    python scripts/bench.py [--configs tiny,mid,full-1.3b] [--dtypes float32,bfloat16] [--repeats 5]
+    python scripts/bench.py [--configs tiny,mid,full-1.3b,480p-1-layer] [--dtypes float32,bfloat16] [--repeats 5]
                             [--compile] [--device cpu|cuda] [--workdir DIR]
 
 Both models get the same random weights (written once by the oracle's ``save_pretrained``; ours
@@ -10,7 +10,9 @@ subprocess, ours and the oracle alternating: load, (warm-up on small configs), t
 forward with the peak RSS reset just before it (``/proc/self/clear_refs``) and every weight made
 resident first, so the RSS growth is the forward's own. The table gives medians over --repeats, the ratios ours/oracle, achieved
 GFLOP/s (matmul and attention FLOPs of the forward) next to a matmul rate measured in this run,
-and the parity of the two outputs. Needs the test extra (diffusers) for the oracle.
+and the parity of the two outputs. For ours, ``est MB`` is the activation part of the memory
+estimate ``anyflow sample`` checks before a run (:mod:`anyflow.memory`), to set beside the measured
+RSS growth. Needs the test extra (diffusers) for the oracle.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ CONFIGS = {
     "tiny": (dict(num_attention_heads=2, attention_head_dim=64, ffn_dim=256, num_layers=2), (3, 16, 16, 16), 64),
     "mid": (dict(D13, num_layers=2), (5, 16, 60, 104), 512),
     "full-1.3b": (dict(D13, num_layers=30), (1, 16, 60, 104), 512),
+    "480p-1-layer": (dict(D13, num_layers=1), (21, 16, 60, 104), 512),  # 81 frames at 480p: 32,760 tokens
 }
 
 WORKER = r"""
@@ -176,14 +179,19 @@ def main() -> None:
     rates = {d: matmul_gflops(d, args.device) for d in args.dtypes.split(",")}
     print("F.linear 4096x2048x2048: " + ", ".join(f"{d} {r:.0f} GFLOP/s" for d, r in rates.items())
           + "  (%matmul below is against the rate of the row's dtype)")
-    header = (f"{'config':<10} {'dtype':<8} {'impl':<13} {'forward s':>9} {'ratio':>6} {'RSS+ MB':>8} {'ratio':>6} "
-              f"{'GFLOP/s':>8} {'%matmul':>7} {'parity':>9}")
+    from anyflow import AnyFlowConfig
+    from anyflow.memory import estimate_sampling_memory
+
+    header = (f"{'config':<12} {'dtype':<8} {'impl':<13} {'forward s':>9} {'ratio':>6} {'RSS+ MB':>8} {'ratio':>6} "
+              f"{'est MB':>7} {'GFLOP/s':>8} {'%matmul':>7} {'parity':>9}")
     print("\n" + header + "\n" + "-" * len(header))
     for name in args.configs.split(","):
         weights, inputs = prepare(name, args.workdir)
         model_cfg, latent, text_len = CONFIGS[name]
         flops = forward_flops(model_cfg, latent, text_len)
         for dtype in args.dtypes.split(","):
+            element_size = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+            estimate = estimate_sampling_memory(AnyFlowConfig(**model_cfg), 0, (1, *latent), text_len, element_size)
             impls = ["ours", "oracle"] + (["ours+compile"] if args.compile else [])
             runs = {impl: [] for impl in impls}
             outputs = {impl: os.path.join(args.workdir, f"out-{name}-{dtype}-{impl}.pt") for impl in impls}
@@ -202,13 +210,14 @@ def main() -> None:
                 parity = ((out - ref).abs().max() / ref.abs().max()).item()
                 gflops = flops / seconds / 1e9
                 rss_ratio = f"{rss / oracle_rss:6.2f}" if oracle_rss >= 1 else f"{'-':>6}"  # tiny: under 1 MB
-                print(f"{name:<10} {dtype:<8} {impl:<13} {seconds:9.3f} {seconds / oracle_s:6.2f} {rss:8.0f} "
-                      f"{rss_ratio} {gflops:8.1f} {100 * gflops / rates[dtype]:6.0f}% "
+                est = f"{estimate.activations / 2**20:7.0f}" if impl == "ours" else f"{'':>7}"
+                print(f"{name:<12} {dtype:<8} {impl:<13} {seconds:9.3f} {seconds / oracle_s:6.2f} {rss:8.0f} "
+                      f"{rss_ratio} {est} {gflops:8.1f} {100 * gflops / rates[dtype]:6.0f}% "
                       f"{parity if impl != 'oracle' else 0:9.1e}", flush=True)
                 if impl == "ours+compile":
                     first = statistics.median(r["first_call_s"] for r in runs[impl])
-                    print(f"{'':<10} {'':<8} (first compiled call, compile included: {first:.1f} s)")
-            print(f"{'':<10} {'':<8} runs in order, s: "
+                    print(f"{'':<12} {'':<8} (first compiled call, compile included: {first:.1f} s)")
+            print(f"{'':<12} {'':<8} runs in order, s: "
                   + "; ".join(f"{impl} " + " ".join(f"{r['seconds']:.1f}" for r in runs[impl]) for impl in impls))
     print("\nimport and start-up (median of 5 runs of the command, wall seconds):")
     ours_import = command_seconds(f"{sys.executable} -c 'import anyflow'")
