@@ -10,6 +10,8 @@ from weights_convert import KeyMismatchError, convert_state_dict, export_state_d
 
 from conftest import small_config
 
+pytestmark = pytest.mark.reference  # uses the oracle: rerun by CI without SIMD kernels
+
 
 def diffusers_keys(oracle_cls, **overrides):
     return oracle_cls(**small_config(**overrides).to_dict()).state_dict()

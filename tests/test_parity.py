@@ -11,6 +11,8 @@ from weights_convert import rename_keys
 
 from conftest import oracle_and_ours, random_inputs, small_config
 
+pytestmark = pytest.mark.reference  # compares with the oracle: rerun by CI without SIMD kernels
+
 FP32_BAR = 1e-5  # max|ours - oracle| <= FP32_BAR * max|oracle|
 
 CASES = {

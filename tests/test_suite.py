@@ -1,0 +1,35 @@
+"""The test suite's own promises: without the oracle its tests skip locally, and fail in CI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WITHOUT_DIFFUSERS = (
+    "import sys\n"
+    "sys.modules['diffusers'] = None  # import diffusers raises ImportError, as when it is not installed\n"
+    "import pytest\n"
+    "sys.exit(pytest.main(sys.argv[1:]))\n"
+)
+
+
+def run_reference_tests_without_diffusers(ci: bool, *extra: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    if ci:
+        env["CI"] = "true"
+    return subprocess.run([sys.executable, "-c", WITHOUT_DIFFUSERS, "-q", "-m", "reference", "-p", "no:cacheprovider",
+                           *extra, "tests"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_without_diffusers_the_reference_tests_skip_locally():
+    run = run_reference_tests_without_diffusers(ci=False)
+    summary = run.stdout.strip().splitlines()[-1]
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert " skipped" in summary and "failed" not in summary and "error" not in summary, summary
+
+
+def test_without_diffusers_ci_fails_instead_of_skipping():
+    run = run_reference_tests_without_diffusers(True, "-x", "tests/test_parity.py")
+    assert run.returncode == 1 and "the parity oracle diffusers==0.42.1 must be installed in CI" in run.stdout
