@@ -12,13 +12,17 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "AnyFlowConfig": "config",
+    "AnyFlowFARConfig": "config",
     "PRESETS": "config",
     "AnyFlowTransformer3DModel": "model",
+    "AnyFlowFARTransformer3DModel": "far",
+    "FarKVCache": "far",
     "FP32_ISLANDS": "parameters",
     "parameter_shapes": "parameters",
     "PreparedContext": "model",
     "Transformer3DOutput": "model",
     "sample": "sampling",
+    "sample_far": "sampling",
     "flow_map_sigmas": "sampling",
 }
 

@@ -1,32 +1,56 @@
 """Self-attention (with 3D RoPE) and cross-attention of the DiT blocks.
 
 Both normalise q and k with an RMSNorm over the whole width D (all heads together) before
-splitting heads. Attention is plain scaled dot-product attention, scale 1/sqrt(head_dim), no mask.
+splitting heads. Attention is plain scaled dot-product attention, scale 1/sqrt(head_dim): over
+all keys (the bidirectional model), over the keys each chunk of queries may see (block-causal
+FAR streams, :mod:`anyflow.layout`), or over cached keys of earlier frames followed by the
+stream's own (the FAR model's cached steps). No mask and no padding enter the softmax.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layout import TokenPlan, Visibility
 from .linear import Linear, computes_in_fp32
 from .norms import RMSNorm
 from .rope import apply_rope
 
-
 HEADS_PER_FP32_GROUP = 4
+KeyValue = Tuple[torch.Tensor, torch.Tensor]
 
 
-def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def multi_head_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: Optional[Visibility] = None
+) -> torch.Tensor:
     """q (B, Lq, H, d), k and v (B, Lk, H, d) -> (B, Lq, H*d).
 
-    Half-precision inputs on a CPU without native half units are attended in float32
-    (see :mod:`anyflow.linear`), a few heads at a time so that the float32 copies stay small,
-    each result rounded back once.
+    ``visible`` (see :mod:`anyflow.layout`) restricts each chunk of queries to its key spans: each
+    chunk is attended on its own keys, so the cost is that of the keys it sees, and no L x L mask
+    is built. ``None``: every query sees every key.
     """
+    if visible is None:
+        return _attend_heads(q, k, v)
+    outputs = []
+    for (q_start, q_stop), spans in visible:
+        if len(spans) == 1:
+            (k_start, k_stop), = spans
+            keys, values = k[:, k_start:k_stop], v[:, k_start:k_stop]
+        else:
+            keys = torch.cat([k[:, a:b] for a, b in spans], dim=1)
+            values = torch.cat([v[:, a:b] for a, b in spans], dim=1)
+        outputs.append(_attend_heads(q[:, q_start:q_stop], keys, values))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+
+def _attend_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Half-precision inputs on a CPU without native half units are attended in float32
+    (see :mod:`anyflow.linear`), a few heads at a time so that the float32 copies stay small,
+    each result rounded back once."""
     if not computes_in_fp32(q):
         return _attend(q, k, v)
     groups = zip(*(t.split(HEADS_PER_FP32_GROUP, dim=2) for t in (q, k, v)))
@@ -39,7 +63,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 class SelfAttention(nn.Module):
-    """Bidirectional self-attention over all video tokens, RoPE on q and k."""
+    """Self-attention over the video tokens, RoPE on q and k, as the :class:`TokenPlan` says."""
 
     def __init__(self, hidden_size: int, num_heads: int, eps: float):
         super().__init__()
@@ -51,13 +75,20 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(hidden_size, eps)
         self.norm_k = RMSNorm(hidden_size, eps)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        """x (B, L, D), rope the (L, 1, d/2, 2) rotations of :func:`anyflow.rope.rope_rotations`."""
+    def forward(
+        self, x: torch.Tensor, plan: TokenPlan, past: Optional[KeyValue] = None
+    ) -> Tuple[torch.Tensor, KeyValue]:
+        """x (B, L, D) -> (output (B, L, D), the stream's keys (rotated) and values (B, L, H, d)).
+
+        ``past``: keys (rotated) and values of earlier frames, attended before the stream's own.
+        Rotating a key depends on its position only, so cached keys are kept rotated.
+        """
         heads = (self.num_heads, -1)
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(2, heads), rope)  # (B, L, H, d)
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(2, heads), rope)
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(2, heads), plan.rope)  # (B, L, H, d)
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(2, heads), plan.rope)
         v = self.v(x).unflatten(2, heads)
-        return self.o(multi_head_attention(q, k, v))
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1))
+        return self.o(multi_head_attention(q, keys, values, plan.visible)), (k, v)
 
 
 class CrossAttention(nn.Module):

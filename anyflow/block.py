@@ -1,7 +1,8 @@
 """One DiT block: adaLN-modulated self-attention, cross-attention and feed-forward.
 
 With ``m = modulation (1, 6, D) + mod (B, F, 6, D)`` in float32, split into
-(shift1, scale1, gate1, shift2, scale2, gate2), each applying to every token of its frame:
+(shift1, scale1, gate1, shift2, scale2, gate2), each applying to every token of its frame
+(frames may hold different numbers of tokens: see :mod:`anyflow.layout`):
 
     x = x + gate1 * SelfAttn(LN(x) * (1 + scale1) + shift1)
     x = x + CrossAttn(LN_affine(x), context)
@@ -12,13 +13,14 @@ Norms and the gated residual adds run in float32; the stream is stored in the mo
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import CrossAttention, SelfAttention
+from .attention import CrossAttention, KeyValue, SelfAttention
+from .layout import Segment, TokenPlan
 from .linear import Linear, computes_in_fp32
 from .norms import LayerNormFP32, layer_norm_fp32
 
@@ -58,21 +60,38 @@ def modulation_table(rows: int, hidden_size: int) -> nn.Parameter:
     return nn.Parameter(table)
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+def per_frame(fn, tokens: Sequence[torch.Tensor], per_frame_values: Sequence[torch.Tensor],
+              segments: Sequence[Segment]) -> torch.Tensor:
+    """``fn(*token_views, *value_slices)`` segment by segment, joined back into (B, L, D).
+
+    Token tensors (B, L, D) are viewed (B, F_s, T_s, D) per segment of (frames, tokens per frame),
+    per-frame values (B, F, 1, D) sliced to that segment's frames, so each frame's value applies
+    to its own tokens. One segment (the bidirectional model) is a single call without a copy.
+    """
+    b, length, d = tokens[0].shape
+    frame_counts = [frames for frames, _ in segments]
+    token_counts = [frames * count for frames, count in segments]
+    token_pieces = [t.split(token_counts, dim=1) for t in tokens]
+    value_pieces = [v.split(frame_counts, dim=1) for v in per_frame_values]
+    outputs = [
+        fn(*(p[i].view(b, frames, count, d) for p in token_pieces), *(p[i] for p in value_pieces)).view(b, -1, d)
+        for i, (frames, count) in enumerate(segments)
+    ]
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+             segments: Sequence[Segment]) -> torch.Tensor:
     """``LN(x) * (1 + scale) + shift`` per frame; x (B, L, D), shift and scale (B, F, 1, D) float32."""
-    b, length, d = x.shape
-    frames = shift.shape[1]
-    normed = layer_norm_fp32(x, eps).view(b, frames, length // frames, d)  # (B, F, T, D)
-    return torch.addcmul(shift, normed, 1 + scale).view(b, length, d).to(x.dtype)
+    normed = layer_norm_fp32(x, eps)  # (B, L, D) float32
+    return per_frame(lambda n, sh, sc: torch.addcmul(sh, n, 1 + sc), [normed], [shift, scale], segments).to(x.dtype)
 
 
-def gated_residual(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+def gated_residual(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor,
+                   segments: Sequence[Segment]) -> torch.Tensor:
     """``x + update * gate`` in float32 per frame; x and update (B, L, D), gate (B, F, 1, D)."""
-    b, length, d = x.shape
-    frames = gate.shape[1]
-    # one fused kernel; it computes in float32 (the gate is float32) whatever the dtype of x
-    out = torch.addcmul(x.view(b, frames, -1, d), update.view(b, frames, -1, d), gate)
-    return out.view(b, length, d).to(x.dtype)
+    # one fused kernel per segment; it computes in float32 (the gate is float32) whatever the dtype of x
+    return per_frame(torch.addcmul, [x, update], [gate], segments).to(x.dtype)
 
 
 class DiTBlock(nn.Module):
@@ -90,15 +109,22 @@ class DiTBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        context_kv: Tuple[torch.Tensor, torch.Tensor],
+        context_kv: KeyValue,
         mod: torch.Tensor,
-        rope: torch.Tensor,
-    ) -> torch.Tensor:
-        """x (B, L, D); context_kv from ``cross_attn.context_kv``; mod (B, F, 6, D); rope from ``rope_rotations``."""
+        plan: TokenPlan,
+        past: Optional[KeyValue] = None,
+    ) -> Tuple[torch.Tensor, KeyValue]:
+        """x (B, L, D); context_kv from ``cross_attn.context_kv``; mod (B, F, 6, D), one row per
+        frame of ``plan.segments``; ``past``: cached keys and values of earlier frames.
+
+        Returns the new x and this block's self-attention keys (rotated) and values of the stream.
+        """
         m = (self.modulation.float() + mod.float()).unsqueeze(3)  # (B, F, 6, 1, D)
         shift1, scale1, gate1, shift2, scale2, gate2 = m.unbind(2)  # each (B, F, 1, D)
+        segments = plan.segments
 
-        x = gated_residual(x, self.self_attn(modulate(x, shift1, scale1, self.eps), rope), gate1)
+        attended, kv = self.self_attn(modulate(x, shift1, scale1, self.eps, segments), plan, past)
+        x = gated_residual(x, attended, gate1, segments)
         h = x if self.cross_attn_norm is None else self.cross_attn_norm(x)
         x = x + self.cross_attn(h, context_kv)
-        return gated_residual(x, self.ffn(modulate(x, shift2, scale2, self.eps)), gate2)
+        return gated_residual(x, self.ffn(modulate(x, shift2, scale2, self.eps, segments)), gate2, segments), kv

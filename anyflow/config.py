@@ -100,10 +100,8 @@ class AnyFlowConfig:
         return cls(**kwargs)
 
     def to_dict(self) -> dict:
-        """The config as a plain dict, with the diffusers key names (JSON-ready)."""
-        d = dataclasses.asdict(self)
-        d["patch_size"] = list(self.patch_size)
-        return d
+        """The config as a plain dict, with the diffusers key names (JSON-ready: tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_preset(cls, name: str) -> "AnyFlowConfig":
@@ -113,9 +111,64 @@ class AnyFlowConfig:
         return PRESETS[name]
 
 
+# The chunks (in latent frames) the released FAR checkpoints generate 81 frames (21 latent frames) in.
+RELEASED_CHUNK_PARTITION = (1, 3, 3, 3, 3, 3, 3, 2)
+
+
+@dataclass(frozen=True)
+class AnyFlowFARConfig(AnyFlowConfig):
+    """Hyper-parameters of the frame-autoregressive (FAR) AnyFlow transformer: the bidirectional
+    model's, plus how the video is split and how older frames are compressed.
+
+    Frames are generated in chunks of ``chunk_partition`` latent frames (the default; it must
+    sum to the video's latent frames). The ``full_chunk_limit`` most recent chunks are seen at
+    full resolution, older ones through a second patch embedding with the larger
+    ``compressed_patch_size`` (4x fewer tokens with the released (1, 4, 4)).
+    """
+
+    compressed_patch_size: Tuple[int, int, int] = (1, 4, 4)
+    full_chunk_limit: int = 3
+    chunk_partition: Tuple[int, ...] = RELEASED_CHUNK_PARTITION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "compressed_patch_size", tuple(self.compressed_patch_size))
+        object.__setattr__(self, "chunk_partition", tuple(self.chunk_partition))
+        super().__post_init__()
+
+    def _validate(self) -> None:
+        super()._validate()
+        c, p = self.compressed_patch_size, self.patch_size
+        if len(c) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in c):
+            raise ValueError(f"compressed_patch_size must be three positive ints (t, h, w), got {c!r}")
+        if c[0] != 1 or c[1] % p[1] or c[2] % p[2]:
+            raise ValueError(
+                f"compressed_patch_size {c} must have a temporal patch of 1 and a spatial patch that is a multiple "
+                f"of patch_size {p} (each compressed token covers whole full-resolution patches)"
+            )
+        if not isinstance(self.full_chunk_limit, int) or isinstance(self.full_chunk_limit, bool) or self.full_chunk_limit < 1:
+            raise ValueError(f"full_chunk_limit must be a positive int, got {self.full_chunk_limit!r}")
+        check_chunk_partition(self.chunk_partition)
+
+
+def check_chunk_partition(partition, frames: Optional[int] = None, name: str = "chunk_partition") -> Tuple[int, ...]:
+    """A chunk partition as a tuple of positive ints (summing to ``frames`` when given), or a ValueError naming it."""
+    try:
+        chunks = tuple(partition)
+    except TypeError:
+        raise ValueError(f"{name} must be a list of positive ints, got {partition!r}") from None
+    if not chunks or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in chunks):
+        raise ValueError(f"{name} must be a non-empty list of positive ints, got {list(chunks)}")
+    if frames is not None and sum(chunks) != frames:
+        raise ValueError(f"{name} {list(chunks)} sums to {sum(chunks)} latent frames, the video has {frames}")
+    return chunks
+
+
 PRESETS = {
     # nvidia/AnyFlow-Wan2.1-T2V-1.3B-Diffusers: D = 1536, 1.42e9 parameters.
     "anyflow-wan2.1-t2v-1.3b": AnyFlowConfig(num_attention_heads=12, ffn_dim=8960, num_layers=30),
     # nvidia/AnyFlow-Wan2.1-T2V-14B-Diffusers: D = 5120.
     "anyflow-wan2.1-t2v-14b": AnyFlowConfig(num_attention_heads=40, ffn_dim=13824, num_layers=40),
+    # nvidia/AnyFlow-FAR-Wan2.1-1.3B-Diffusers and -14B-Diffusers: the same bodies, plus the FAR patch embedding.
+    "anyflow-far-wan2.1-1.3b": AnyFlowFARConfig(num_attention_heads=12, ffn_dim=8960, num_layers=30),
+    "anyflow-far-wan2.1-14b": AnyFlowFARConfig(num_attention_heads=40, ffn_dim=13824, num_layers=40),
 }

@@ -1,4 +1,9 @@
-"""The AnyFlow transformer: patchify -> dual-timestep and context embeddings -> DiT blocks -> head -> unpatchify."""
+"""The AnyFlow transformer: patchify -> dual-timestep and context embeddings -> DiT blocks -> head -> unpatchify.
+
+:class:`AnyFlowBackbone` holds what both AnyFlow transformers share (embeddings, blocks, head,
+loading, precision, the prepared context); :class:`AnyFlowTransformer3DModel` is the bidirectional
+model on it, :class:`anyflow.far.AnyFlowFARTransformer3DModel` the frame-autoregressive one.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +17,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import KeyValue
 from .block import DiTBlock, modulate, modulation_table
-from .config import AnyFlowConfig
+from .config import AnyFlowConfig, AnyFlowFARConfig
 from .context import ImageProjection, TextProjection
+from .layout import Segment, TokenPlan
 from .linear import Linear
 from .parameters import DTYPE_NAMES, is_fp32_island
 from .patchify import PatchEmbed, unpatchify
@@ -42,7 +49,7 @@ class PreparedContext:
 
     batch_size: int
     kv: List[Tuple[torch.Tensor, torch.Tensor]]
-    owner: "weakref.ref[AnyFlowTransformer3DModel]"
+    owner: "weakref.ref[AnyFlowBackbone]"
 
     @staticmethod
     def cat(contexts: Sequence["PreparedContext"]) -> "PreparedContext":
@@ -63,26 +70,27 @@ class OutputHead(nn.Module):
         self.modulation = modulation_table(2, hidden_size)
         self.proj = Linear(hidden_size, out_channels * math.prod(patch_size))
 
-    def forward(self, x: torch.Tensor, rt: torch.Tensor) -> torch.Tensor:
-        """x (B, L, D), rt (B, F, D) -> (B, L, ph*pw*C_out)."""
+    def forward(self, x: torch.Tensor, rt: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+        """x (B, L, D), rt (B, F, D) one row per frame of ``segments`` -> (B, L, ph*pw*C_out)."""
         m = (self.modulation.float() + rt.float().unsqueeze(2)).unsqueeze(3)  # (B, F, 2, 1, D)
         shift, scale = m.unbind(2)
-        return self.proj(modulate(x, shift, scale, self.eps))
+        return self.proj(modulate(x, shift, scale, self.eps, segments))
 
 
-class AnyFlowTransformer3DModel(nn.Module):
-    """The bidirectional AnyFlow flow-map transformer (Wan2.1 DiT with a dual-timestep embedding).
-
-    ``forward`` predicts the mean velocity ``u`` that carries latents from timestep t to r:
-    ``z_r = z_t - (sigma_t - sigma_r) * u`` with ``t = 1000 * sigma``.
+class AnyFlowBackbone(nn.Module):
+    """The parts of an AnyFlow transformer that do not depend on how frames attend to each other.
 
     Precision: hold the model in half precision with :meth:`to_dtype`, which keeps the
     parameters named in :data:`anyflow.parameters.FP32_ISLANDS` in float32. Inputs are cast to the model's dtype.
     Set ``gradient_checkpointing = True`` to recompute each block in the backward pass.
     """
 
+    config_class = AnyFlowConfig
+
     def __init__(self, config: AnyFlowConfig):
         super().__init__()
+        if type(config) is not self.config_class:
+            raise TypeError(f"{type(self).__name__} takes an {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
         d = config.hidden_size
         self.patch_embed = PatchEmbed(config.in_channels, d, config.patch_size)
@@ -105,7 +113,7 @@ class AnyFlowTransformer3DModel(nn.Module):
     def device(self) -> torch.device:
         return self.patch_embed.proj.weight.device
 
-    def to_dtype(self, dtype: Union[str, torch.dtype]) -> "AnyFlowTransformer3DModel":
+    def to_dtype(self, dtype: Union[str, torch.dtype]) -> "AnyFlowBackbone":
         """Cast in place to ``dtype`` (a torch dtype or "float32", "bfloat16", "float16"), keeping
         :data:`anyflow.parameters.FP32_ISLANDS` in float32. Returns self.
 
@@ -124,7 +132,7 @@ class AnyFlowTransformer3DModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls, path: str, dtype: Optional[Union[str, torch.dtype]] = None, device: Union[str, torch.device] = "cpu"
-    ) -> "AnyFlowTransformer3DModel":
+    ) -> "AnyFlowBackbone":
         """Load any checkpoint :mod:`weights_convert` reads: our layout, a Hub snapshot (or its
         ``transformer`` folder), a single safetensors file, an authors' ``.pt``, a Wan2.1 base (warm start).
 
@@ -135,10 +143,17 @@ class AnyFlowTransformer3DModel(nn.Module):
         from weights_convert import load_checkpoint  # reads every layout into (config, tensors under our names)
 
         config, state_dict = load_checkpoint(path, dtype=dtype, device=device)
+        if type(config) is not cls.config_class:
+            far = isinstance(config, AnyFlowFARConfig)
+            raise ValueError(
+                f"{path}: an AnyFlow {'FAR (frame-autoregressive)' if far else 'bidirectional'} checkpoint; load it with "
+                f"{'AnyFlowFARTransformer3DModel' if far else 'AnyFlowTransformer3DModel'}"
+                + ("" if far else " (or warm-start a FAR model from it: anyflow-convert SRC OUT --far)")
+            )
         return cls.from_state_dict(config, state_dict)
 
     @classmethod
-    def from_state_dict(cls, config: AnyFlowConfig, state_dict: Mapping[str, torch.Tensor]) -> "AnyFlowTransformer3DModel":
+    def from_state_dict(cls, config: AnyFlowConfig, state_dict: Mapping[str, torch.Tensor]) -> "AnyFlowBackbone":
         """The model of ``config`` holding exactly these tensors (our names; no initialisation, no copy)."""
         with torch.device("meta"):
             model = cls(config)
@@ -175,66 +190,46 @@ class AnyFlowTransformer3DModel(nn.Module):
             context = torch.cat([self.image_proj(image.to(self.device, self.dtype)), context], dim=1)  # image first
         return context
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        timestep: TimestepLike,
-        r_timestep: TimestepLike,
-        encoder_hidden_states: Union[torch.Tensor, PreparedContext],
-        encoder_hidden_states_image: Optional[torch.Tensor] = None,
-        attention_kwargs: Optional[Dict[str, Any]] = None,
-        return_dict: bool = True,
-    ) -> Union[Transformer3DOutput, Tuple[torch.Tensor]]:
-        """Mean velocity from timestep t to r.
-
-        Args:
-            hidden_states: latents (B, F, C_in, H, W), frames before channels.
-            timestep: source timestep t in [0, 1000]: a number, a 0-d or (B,) tensor, or (B, F).
-            r_timestep: target timestep r, same forms as ``timestep``.
-            encoder_hidden_states: UMT5 embeddings (B, S, text_dim), or a :class:`PreparedContext`.
-            encoder_hidden_states_image: image tokens (B, S_img, image_dim) when ``image_dim`` is set.
-            attention_kwargs: accepted for diffusers compatibility; must be None or empty.
-            return_dict: return a :class:`Transformer3DOutput` (else a 1-tuple).
-
-        Returns:
-            The velocity (B, F, C_out, H, W) in the model's dtype.
-        """
-        if attention_kwargs:
-            raise ValueError(
-                f"attention_kwargs is not supported (no attention processors or LoRA here), got keys "
-                f"{sorted(attention_kwargs)}"
-            )
-        grid = self._check_latents(hidden_states)
-        batch, frames = hidden_states.shape[:2]
+    def _context(self, encoder_hidden_states, encoder_hidden_states_image, batch: int):
+        """The context of a forward: a checked :class:`PreparedContext`, or the embedded context (B, S, D)."""
         if isinstance(encoder_hidden_states, PreparedContext):
             if encoder_hidden_states_image is not None:
                 raise ValueError("encoder_hidden_states_image must be None when passing a PreparedContext")
             self._check_prepared(encoder_hidden_states)
-            prepared, context = encoder_hidden_states, None
-            context_batch = prepared.batch_size
+            context, context_batch = encoder_hidden_states, encoder_hidden_states.batch_size
         else:
             # raw embeddings: each block's keys and values are made just before the block, so
             # only one block's are alive at a time (a PreparedContext holds every block's)
-            prepared, context = None, self._embed_context(encoder_hidden_states, encoder_hidden_states_image)
+            context = self._embed_context(encoder_hidden_states, encoder_hidden_states_image)
             context_batch = context.shape[0]
         if context_batch != batch:
             raise ValueError(
                 f"batch sizes disagree: hidden_states has {batch}, encoder_hidden_states has {context_batch}"
             )
-        t = self._timestep_grid(timestep, "timestep", batch, frames)
-        r = self._timestep_grid(r_timestep, "r_timestep", batch, frames)
+        return context
 
-        x = self.patch_embed(hidden_states.to(self.device, self.dtype))  # (B, L, D)
-        rt, mod = self.time_embed(t, r, self.dtype)  # (B, F, D), (B, F, 6, D)
-        rope = rope_rotations(grid, self.config.attention_head_dim, x.device)  # (L, 1, d/2, 2)
+    def _run_blocks(
+        self,
+        x: torch.Tensor,
+        context: Union[torch.Tensor, PreparedContext],
+        mod: torch.Tensor,
+        plan: TokenPlan,
+        past: Optional[Sequence[KeyValue]] = None,
+        keep_kv: bool = False,
+    ) -> Tuple[torch.Tensor, List[KeyValue]]:
+        """Every block on tokens x (B, L, D); returns x and, with ``keep_kv``, each block's self-attention
+        keys (rotated) and values of the stream. ``past``: each block's cached keys and values."""
+        kept = []
         for i, block in enumerate(self.blocks):
-            kv = prepared.kv[i] if prepared is not None else block.cross_attn.context_kv(context)
+            context_kv = context.kv[i] if isinstance(context, PreparedContext) else block.cross_attn.context_kv(context)
+            block_past = None if past is None else past[i]
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, kv, mod, rope, use_reentrant=False)
+                x, kv = checkpoint(block, x, context_kv, mod, plan, block_past, use_reentrant=False)
             else:
-                x = block(x, kv, mod, rope)
-        velocity = unpatchify(self.head(x, rt), grid, self.config.patch_size)  # (B, F, C_out, H, W)
-        return Transformer3DOutput(velocity) if return_dict else (velocity,)
+                x, kv = block(x, context_kv, mod, plan, block_past)
+            if keep_kv:
+                kept.append(kv)
+        return x, kept
 
     def _check_latents(self, latents: torch.Tensor) -> Tuple[int, int, int]:
         """Validate (B, F, C, H, W) latents; return the patch grid (F, H/ph, W/pw)."""
@@ -317,3 +312,55 @@ class AnyFlowTransformer3DModel(nn.Module):
         if not torch.compiler.is_compiling() and not torch.isfinite(tensor).all():
             raise ValueError(f"{name} has non-finite values: {tensor.tolist()}")
         return tensor
+
+
+class AnyFlowTransformer3DModel(AnyFlowBackbone):
+    """The bidirectional AnyFlow flow-map transformer (Wan2.1 DiT with a dual-timestep embedding).
+
+    ``forward`` predicts the mean velocity ``u`` that carries latents from timestep t to r:
+    ``z_r = z_t - (sigma_t - sigma_r) * u`` with ``t = 1000 * sigma``; every token attends to
+    every token of the video.
+    """
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: TimestepLike,
+        r_timestep: TimestepLike,
+        encoder_hidden_states: Union[torch.Tensor, PreparedContext],
+        encoder_hidden_states_image: Optional[torch.Tensor] = None,
+        attention_kwargs: Optional[Dict[str, Any]] = None,
+        return_dict: bool = True,
+    ) -> Union[Transformer3DOutput, Tuple[torch.Tensor]]:
+        """Mean velocity from timestep t to r.
+
+        Args:
+            hidden_states: latents (B, F, C_in, H, W), frames before channels.
+            timestep: source timestep t in [0, 1000]: a number, a 0-d or (B,) tensor, or (B, F).
+            r_timestep: target timestep r, same forms as ``timestep``.
+            encoder_hidden_states: UMT5 embeddings (B, S, text_dim), or a :class:`PreparedContext`.
+            encoder_hidden_states_image: image tokens (B, S_img, image_dim) when ``image_dim`` is set.
+            attention_kwargs: accepted for diffusers compatibility; must be None or empty.
+            return_dict: return a :class:`Transformer3DOutput` (else a 1-tuple).
+
+        Returns:
+            The velocity (B, F, C_out, H, W) in the model's dtype.
+        """
+        if attention_kwargs:
+            raise ValueError(
+                f"attention_kwargs is not supported (no attention processors or LoRA here), got keys "
+                f"{sorted(attention_kwargs)}"
+            )
+        grid = self._check_latents(hidden_states)
+        batch, frames = hidden_states.shape[:2]
+        context = self._context(encoder_hidden_states, encoder_hidden_states_image, batch)
+        t = self._timestep_grid(timestep, "timestep", batch, frames)
+        r = self._timestep_grid(r_timestep, "r_timestep", batch, frames)
+
+        x = self.patch_embed(hidden_states.to(self.device, self.dtype))  # (B, L, D)
+        rt, mod = self.time_embed(t, r, self.dtype)  # (B, F, D), (B, F, 6, D)
+        frames_of_tokens = ((grid[0], grid[1] * grid[2]),)  # one segment: every frame has h*w tokens
+        plan = TokenPlan(frames_of_tokens, rope_rotations(grid, self.config.attention_head_dim, x.device))
+        x, _ = self._run_blocks(x, context, mod, plan)
+        velocity = unpatchify(self.head(x, rt, frames_of_tokens), grid, self.config.patch_size)  # (B, F, C_out, H, W)
+        return Transformer3DOutput(velocity) if return_dict else (velocity,)

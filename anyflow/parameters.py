@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
-from .config import AnyFlowConfig
+from .config import AnyFlowConfig, AnyFlowFARConfig
 
 # Parameters kept in float32 when the model is held in half precision (matched on whole
 # dotted name components): the source-time MLP, every modulation table, every affine norm.
@@ -69,4 +69,7 @@ def parameter_shapes(config: AnyFlowConfig) -> Dict[str, Shape]:
         shapes.update(_linear(f"{block}.ffn.fc_out", config.ffn_dim, d))
     shapes["head.modulation"] = (1, 2, d)
     shapes.update(_linear("head.proj", d, config.out_channels * p[0] * p[1] * p[2]))
+    if isinstance(config, AnyFlowFARConfig):
+        shapes["far_patch_embed.proj.weight"] = (d, config.in_channels, *config.compressed_patch_size)
+        shapes["far_patch_embed.proj.bias"] = (d,)
     return shapes

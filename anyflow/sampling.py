@@ -17,6 +17,7 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
+from .config import check_chunk_partition
 from .model import PreparedContext
 
 TRAIN_TIMESTEPS = 1000
@@ -57,6 +58,11 @@ def steps_to_run(schedule: torch.Tensor) -> List[int]:
     Custom sigmas ending in 0 make a last step from 0 to the terminal 0, which is skipped.
     """
     return [i for i in range(len(schedule) - 1) if schedule[i] != schedule[i + 1]]
+
+
+def flow_map_step(latents: torch.Tensor, velocity: torch.Tensor, schedule: torch.Tensor, i: int) -> torch.Tensor:
+    """``z_r = z_t - (sigma_t - sigma_r) * u`` for step i of ``schedule``, in the velocity's dtype."""
+    return (latents - (schedule[i] - schedule[i + 1]).item() * velocity).to(velocity.dtype)
 
 
 def sample(
@@ -127,7 +133,7 @@ def sample(
         if guided:
             uncond, cond = velocity.chunk(2)
             velocity = uncond + guidance_scale * (cond - uncond)
-        latents = (latents - (schedule[i] - schedule[i + 1]).item() * velocity).to(velocity.dtype)
+        latents = flow_map_step(latents, velocity, schedule, i)
         if callback is not None:
             callback(i, t.item(), latents)
     if given:
@@ -193,3 +199,96 @@ def _check_sampling_inputs(model, noise, text, context_latents) -> None:
             raise ValueError(
                 f"context_latents must be (B={b}, K, C={c}, H={h}, W={w}) with 1 <= K <= F={f}, got {shape}"
             )
+
+
+def sample_far(
+    model,
+    noise: torch.Tensor,
+    encoder_hidden_states: Context,
+    *,
+    num_steps: int = 4,
+    sigmas: Optional[Sequence[float]] = None,
+    shift: float = 5.0,
+    use_mean_velocity: bool = True,
+    chunk_partition: Optional[Sequence[int]] = None,
+    context_latents: Optional[torch.Tensor] = None,
+    callback: Optional[Callable[[int, int, float, torch.Tensor], None]] = None,
+    incremental_cache: bool = True,
+) -> torch.Tensor:
+    """Sample latents chunk by chunk with an AnyFlow FAR model.
+
+    Each chunk of ``chunk_partition`` runs the same flow-map schedule as :func:`sample`, attending
+    to the clean frames made before it (a :class:`anyflow.far.FarKVCache`, refreshed after each
+    chunk). Given frames (image or video conditioning) fill the first chunks: they are cached,
+    never denoised.
+
+    Args:
+        model: an :class:`anyflow.far.AnyFlowFARTransformer3DModel`.
+        noise: initial latents (B, F, C, H, W), standard normal.
+        encoder_hidden_states: UMT5 embeddings (B, S, text_dim) or a :class:`PreparedContext`.
+        num_steps, sigmas, shift, use_mean_velocity: the schedule of every chunk, as in :func:`sample`.
+        chunk_partition: frames of each chunk, summing to F (default: the model config's, the released
+            81-frame split).
+        context_latents: K given latent frames (B, K, C, H, W); K must end a chunk (1 for an image
+            with the released split, 4 for 13 video frames, ...).
+        callback: called after every step as ``callback(chunk_index, step_index, t, chunk_latents)``.
+        incremental_cache: refresh the cache by encoding only what changed (default); False
+            re-encodes every frame made so far after each chunk, as the reference does (same result).
+
+    Returns:
+        The latents (B, F, C, H, W) in the model's dtype.
+    """
+    schedule = flow_map_sigmas(num_steps, shift, sigmas)
+    steps = steps_to_run(schedule)
+    cfg = model.config
+    if not isinstance(noise, torch.Tensor) or noise.dim() != 5:
+        shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise ValueError(f"noise must be a 5-D tensor (B, F, C, H, W), got {shape}")
+    batch, frames = noise.shape[:2]
+    partition = check_chunk_partition(cfg.chunk_partition if chunk_partition is None else chunk_partition, frames)
+    ends = [sum(partition[:i + 1]) for i in range(len(partition))]
+    given = _check_given_frames(context_latents, noise, ends)
+
+    device, dtype = model.device, model.dtype
+    latents = noise.to(device=device, dtype=dtype, copy=True)  # never write into the caller's noise
+    if given:
+        latents[:, :given] = context_latents.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        context = encoder_hidden_states
+        if isinstance(context, torch.Tensor):
+            context = model.prepare_context(context.to(device))  # checks the embeddings
+        cache = None
+        for chunk, (start, stop) in enumerate(zip([0] + ends[:-1], ends)):
+            if stop > given:
+                z = latents[:, start:stop]
+                for i in steps:
+                    t = (schedule[i] * TRAIN_TIMESTEPS).item()
+                    r = (schedule[i + 1] * TRAIN_TIMESTEPS).item() if use_mean_velocity else t
+                    z = flow_map_step(z, model.step(z, t, r, context, cache), schedule, i)
+                    if callback is not None:
+                        callback(chunk, i, t, z)
+                latents[:, start:stop] = z
+            if chunk < len(partition) - 1:
+                cache = model.encode_cache(latents[:, :stop], partition[:chunk + 1], context,
+                                           cache if incremental_cache else None)
+    return latents
+
+
+def _check_given_frames(context_latents: Optional[torch.Tensor], noise: torch.Tensor, chunk_ends: List[int]) -> int:
+    """The number K of given frames, checked to match the noise and to end a chunk."""
+    if context_latents is None:
+        return 0
+    b, f, c, h, w = noise.shape
+    if (not isinstance(context_latents, torch.Tensor) or context_latents.dim() != 5 or context_latents.shape[0] != b
+            or tuple(context_latents.shape[2:]) != (c, h, w)):
+        shape = tuple(context_latents.shape) if isinstance(context_latents, torch.Tensor) else type(context_latents).__name__
+        raise ValueError(f"context_latents must be (B={b}, K, C={c}, H={h}, W={w}), got {shape}")
+    given = context_latents.shape[1]
+    if given >= f:
+        raise ValueError(f"context_latents gives {given} frames but the video has {f}: nothing would be generated")
+    if given not in chunk_ends:
+        raise ValueError(
+            f"context_latents gives {given} frames, which do not fill whole chunks (chunks end after frames "
+            f"{chunk_ends[:-1]}); give that many frames or choose a chunk_partition with a chunk ending at {given}"
+        )
+    return given

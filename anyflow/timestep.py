@@ -63,8 +63,13 @@ class DualTimestepEmbedding(nn.Module):
     def forward(
         self, timestep: torch.Tensor, r_timestep: torch.Tensor, dtype: torch.dtype
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        batch, frames = timestep.shape
+        """t and r (B, F) -> ``rt`` (B, F, D) and ``mod`` (B, F, 6, D)."""
         delta = r_timestep if self.deltatime_type == "r" else timestep - r_timestep
+        return self.embed(timestep, delta, dtype)
+
+    def embed(self, timestep: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The same from t and the value the target-time MLP embeds (r or t - r) directly."""
+        batch, frames = timestep.shape
         source = self.source_time_mlp(timestep_sinusoid(timestep.reshape(-1), self.freq_dim)).to(dtype)
         target = self.target_time_mlp(timestep_sinusoid(delta.reshape(-1), self.freq_dim)).to(dtype)
         # The gate is a constant rounded to the target MLP's dtype, as in the released code.

@@ -223,13 +223,17 @@ def test_wan_base_warm_start_equals_wan_when_r_equals_t(tmp_path, layout):
     assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
-def test_far_and_i2v_checkpoints_are_refused(hub, tmp_path):
+def test_i2v_checkpoints_and_far_weights_under_a_bidirectional_config_are_refused(hub, tmp_path):
     WanTransformer3DModel = require_oracle("WanTransformer3DModel")
     root, oracle = hub
     state = {k: v.contiguous() for k, v in oracle.state_dict().items()}
-    write_file(str(tmp_path / "far.safetensors"), sorted({**state, "far_patch_embedding.weight": torch.zeros(2)}.items()))
-    with pytest.raises(CheckpointError, match=r"AnyFlow FAR .*far_patch_embedding.weight .*does not take it"):
-        open_checkpoint(str(tmp_path / "far.safetensors"))
+    far = {**state, "far_patch_embedding.weight": torch.zeros(128, 4, 1, 4, 4), "far_patch_embedding.bias": torch.zeros(128)}
+    (tmp_path / "far").mkdir()
+    write_file(str(tmp_path / "far" / "model.safetensors"), sorted(far.items()))
+    (tmp_path / "far" / "config.json").write_text(json.dumps({"_class_name": "AnyFlowTransformer3DModel",
+                                                              **CONFIG.to_dict()}))
+    with pytest.raises(CheckpointError, match=r"describes the bidirectional model, but the weights have far_patch_embedding"):
+        open_checkpoint(str(tmp_path / "far"))
     config = {k: v for k, v in CONFIG.to_dict().items() if k not in ("gate_value", "deltatime_type")}
     WanTransformer3DModel(**{**config, "image_dim": 8, "added_kv_proj_dim": 128}).save_pretrained(tmp_path / "i2v")
     with pytest.raises(CheckpointError, match=r"Wan2.1 image-to-video checkpoint"):

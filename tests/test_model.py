@@ -10,7 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anyflow import PRESETS, AnyFlowConfig, AnyFlowTransformer3DModel, PreparedContext, parameter_shapes
+from anyflow import (
+    PRESETS, AnyFlowConfig, AnyFlowFARConfig, AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel, PreparedContext,
+    parameter_shapes,
+)
 from anyflow.patchify import PatchEmbed, unpatchify
 
 from conftest import random_inputs, randomize_, small_config
@@ -121,14 +124,24 @@ def test_library_imports_and_runs_without_diffusers():
     dict(num_attention_heads=3, attention_head_dim=6, ffn_dim=5),
 ])
 def test_parameter_inventory_is_what_the_modules_create(overrides):
-    config = small_config(**overrides)
-    with torch.device("meta"):
-        state = AnyFlowTransformer3DModel(config).state_dict()
-    assert list(parameter_shapes(config).items()) == [(k, tuple(v.shape)) for k, v in state.items()]
-    for preset in PRESETS.values():
+    def model_of(config):
         with torch.device("meta"):
-            state = AnyFlowTransformer3DModel(preset).state_dict()
-        assert parameter_shapes(preset) == {k: tuple(v.shape) for k, v in state.items()}
+            cls = AnyFlowFARTransformer3DModel if isinstance(config, AnyFlowFARConfig) else AnyFlowTransformer3DModel
+            return cls(config)
+
+    config = small_config(**overrides)
+    for config in (config, AnyFlowFARConfig(**config.to_dict(), compressed_patch_size=(1, 2 * config.patch_size[1], 4 * config.patch_size[2]))):
+        state = model_of(config).state_dict()
+        assert list(parameter_shapes(config).items()) == [(k, tuple(v.shape)) for k, v in state.items()]
+    for preset in PRESETS.values():
+        assert parameter_shapes(preset) == {k: tuple(v.shape) for k, v in model_of(preset).state_dict().items()}
+
+
+def test_a_config_of_the_other_model_is_refused():
+    with pytest.raises(TypeError, match="AnyFlowTransformer3DModel takes an AnyFlowConfig, got AnyFlowFARConfig"):
+        AnyFlowTransformer3DModel(AnyFlowFARConfig(**small_config().to_dict()))
+    with pytest.raises(TypeError, match="AnyFlowFARTransformer3DModel takes an AnyFlowFARConfig, got AnyFlowConfig"):
+        AnyFlowFARTransformer3DModel(small_config())
 
 
 def test_released_presets_have_the_published_sizes():

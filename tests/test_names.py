@@ -31,9 +31,12 @@ def test_every_oracle_key_maps_onto_our_model_and_back(oracle_cls, overrides):
 
 def test_unmapped_keys_are_listed(oracle_cls):
     theirs = dict(diffusers_keys(oracle_cls))
-    theirs["far_patch_embedding.weight"] = torch.zeros(1)
+    theirs["rope.freqs"] = torch.zeros(1)
     theirs["blocks.0.attn1.lora_A.weight"] = torch.zeros(1)
-    with pytest.raises(KeyMismatchError, match=r"unmapped keys: blocks.0.attn1.lora_A.weight, far_patch_embedding.weight"):
+    with pytest.raises(KeyMismatchError, match=r"unmapped keys: blocks.0.attn1.lora_A.weight, rope.freqs"):
+        convert_state_dict(theirs)
+    theirs = {**diffusers_keys(oracle_cls), "far_patch_embedding.weight": torch.zeros(1)}  # the FAR group, half of it
+    with pytest.raises(KeyMismatchError, match=r"missing keys: far_patch_embedding.bias"):
         convert_state_dict(theirs)
 
 

@@ -1,5 +1,5 @@
-"""Checkpoints exactly as the released Hub snapshots are published (the authors' configs, bf16 shards),
-and every other config.json a user holds: read, set aside, or refused by name."""
+"""Checkpoints exactly as the released Hub snapshots are published (the authors' configs, bf16 shards;
+bidirectional and FAR), and every other config.json a user holds: read, set aside, or refused by name."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from anyflow import AnyFlowConfig, AnyFlowTransformer3DModel
+from anyflow import AnyFlowConfig, AnyFlowFARConfig, AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel
 from anyflow.cli import main as anyflow_main
 from weights_convert import CheckpointError, convert, open_checkpoint
 from weights_convert.cli import main as convert_main
@@ -45,7 +45,9 @@ def released_far(tmp_path_factory):
     FarOracle = require_oracle("AnyFlowFARTransformer3DModel")
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in RELEASED_FAR_SETTINGS.items()}
     far = FarOracle(**CONFIG.to_dict(), **settings).eval()
-    return write_published_snapshot(tmp_path_factory.mktemp("hub") / "AnyFlow-FAR-Wan2.1-Diffusers", far, CONFIG, far=True)
+    randomize_(far, 22)
+    root = write_published_snapshot(tmp_path_factory.mktemp("hub") / "AnyFlow-FAR-Wan2.1-Diffusers", far, CONFIG, far=True)
+    return root
 
 
 def velocity(model, seed=0):
@@ -118,15 +120,26 @@ def test_released_config_serves_as_config_for_an_authors_pt(released, tmp_path):
     assert torch.equal(velocity(AnyFlowTransformer3DModel.from_pretrained(str(tmp_path / "out"))), velocity(reference))
 
 
-def test_released_far_snapshot_is_refused_with_the_far_message(released_far, tmp_path, capsys):
-    far_message = "this is an AnyFlow FAR (causal, frame-autoregressive) checkpoint"
-    with pytest.raises(CheckpointError, match=re.escape(far_message)):
+def test_released_far_snapshot_loads_converts_and_equals_the_oracle(released_far, tmp_path, capsys):
+    FarOracle = require_oracle("AnyFlowFARTransformer3DModel")
+    oracle = FarOracle.from_pretrained(str(released_far), subfolder="transformer", torch_dtype=torch.float32).eval()
+    ours = AnyFlowFARTransformer3DModel.from_pretrained(str(released_far), dtype="float32")
+    assert ours.config == AnyFlowFARConfig(**CONFIG.to_dict())  # the released chunking, limit and compressed patch
+    latents, t, r, text, _ = random_inputs(CONFIG, batch=1, frames=21, seed=3)
+    with torch.no_grad():
+        expected = oracle(latents, t, r, text, chunk_partition=list(RELEASED_FAR_SETTINGS["chunk_partition"])).sample
+        assert (ours(latents, t, r, text).sample - expected).abs().max() <= FP32_BAR * expected.abs().max()
+
+    assert convert_main([str(released_far), str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "FAR (frame-autoregressive) model" in printed
+    assert ('config keys set aside (they do not change this model): added_kv_proj_dim=null, init_far_model=true, '
+            'init_flowmap_model=true, qk_norm="rms_norm_across_heads"') in printed
+    converted = AnyFlowFARTransformer3DModel.from_pretrained(str(tmp_path / "out"), dtype="float32")
+    with torch.no_grad():
+        assert torch.equal(converted(latents, t, r, text).sample, ours(latents, t, r, text).sample)
+    with pytest.raises(ValueError, match="an AnyFlow FAR .* checkpoint; load it with AnyFlowFARTransformer3DModel"):
         AnyFlowTransformer3DModel.from_pretrained(str(released_far))
-    assert anyflow_main(["inspect", str(released_far)]) == 1
-    assert convert_main([str(released_far), str(tmp_path / "out")]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(far_message in line for line in err)
-    assert "far_patch_embedding" in err[0] and not (tmp_path / "out").exists()
 
 
 REFUSED = {
@@ -137,8 +150,9 @@ REFUSED = {
     "no flow map": ({"init_flowmap_model": False}, r"init_flowmap_model=false is refused: .*plain Wan2.1 model"),
     "flow map as 1": ({"init_flowmap_model": 1}, r"init_flowmap_model=1 is refused"),
     "image position embedding": ({"pos_embed_seq_len": 514}, r"pos_embed_seq_len=514 is refused"),
-    "far switch": ({"init_far_model": True}, r"this is an AnyFlow FAR .*\(init_far_model=true\)"),
-    "far class": ({"_class_name": "AnyFlowFARTransformer3DModel"}, r'this is an AnyFlow FAR .*_class_name="AnyFlowFARTransformer3DModel"'),
+    "far switch": ({"init_far_model": True}, r"describes the FAR model, but the weights have no far_patch_embedding"),
+    "far class": ({"_class_name": "AnyFlowFARTransformer3DModel"},
+                  r"describes the FAR model, but the weights have no far_patch_embedding"),
     "other class": ({"_class_name": "WanVACETransformer3DModel"},
                     r'_class_name="WanVACETransformer3DModel" is not a config this model reads'),
     "typo": ({"num_layer": 30}, r"unknown config keys \['num_layer'\]: not written by .* \(a typo\?\)"),

@@ -13,8 +13,8 @@ from .names import FORMATS
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anyflow-convert",
-        description="Convert an AnyFlow or Wan2.1 checkpoint (Hub diffusers snapshot, transformer folder, "
-        "single or sharded safetensors, authors' .pt, Wan2.1 base) into the anyflow layout, or back to "
+        description="Convert an AnyFlow (bidirectional or FAR) or Wan2.1 checkpoint (Hub diffusers snapshot, "
+        "transformer folder, single or sharded safetensors, authors' .pt, Wan2.1 base) into the anyflow layout, or back to "
         "diffusers. Streams one tensor at a time, verifies what it wrote, and never touches SRC.",
     )
     parser.add_argument("src", metavar="SRC", help="checkpoint file or folder")
@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", dest="config_path", metavar="FILE",
                         help="config JSON overriding the found or inferred config (diffusers' or the authors' keys; "
                         "unknown keys are refused as typos)")
+    parser.add_argument("--far", action="store_true",
+                        help="warm-start an AnyFlow FAR model from a bidirectional AnyFlow or Wan2.1 SRC: the compressed "
+                        "patch embedding resampled from the full one (FAR settings as released unless --config gives them)")
     parser.add_argument("--force", action="store_true", help="replace OUT (only after the new one is complete)")
     return parser
 
@@ -44,7 +47,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         with signals_raise_interrupted():
             report = convert(args.src, args.out, from_format=args.from_format, to=args.to, dtype=args.dtype,
                              max_shard_size=args.max_shard_size, config_path=args.config_path, force=args.force,
-                             progress=sys.stderr)
+                             progress=sys.stderr, far=args.far)
     except OutputExistsError as exc:
         print(f"anyflow-convert: error: {exc.out}: already exists; pass --force to replace it (it is replaced only "
               "after success)", file=sys.stderr)

@@ -3,11 +3,13 @@
 Four classes write the configs users hold: diffusers' ``AnyFlowTransformer3DModel``,
 ``AnyFlowFARTransformer3DModel`` and ``WanTransformer3DModel``, and the authors' training class
 ``FAR_Wan_Transformer3DModel``, which wrote the released Hub snapshots (with ``qk_norm``,
-``added_kv_proj_dim``, ``init_flowmap_model``, the FAR settings, ...). Each key they write is one
-of three kinds:
+``added_kv_proj_dim``, ``init_flowmap_model``, the FAR settings, ...). A config of diffusers' FAR
+class, or of the authors' class with ``init_far_model: true``, describes the FAR model and is read
+into :class:`AnyFlowFARConfig`; any other into :class:`AnyFlowConfig`. Each key is one of three kinds:
 
-- ours (the fields of :class:`AnyFlowConfig`): used;
-- set aside: a key whose value leaves this model's math unchanged; kept in
+- ours (the fields of the config class): used;
+- set aside: a key whose value leaves this model's math unchanged (the FAR settings in a
+  bidirectional model's config, ``qk_norm`` across heads, ...); kept in
   :attr:`ConfigReading.set_aside`, so that ``inspect`` and the converter can list it;
 - refused: a value under which the writer's class computes something else than this model
   (``qk_norm`` other than one RMSNorm across heads, an ``added_kv_proj_dim``, ...); the error
@@ -23,15 +25,15 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
-from anyflow.config import AnyFlowConfig
+from anyflow.config import AnyFlowConfig, AnyFlowFARConfig
 
 from .safetensors_io import CheckpointError
 
-AUTHORS_CLASS = "FAR_Wan_Transformer3DModel"
-BIDIRECTIONAL_CLASSES = ("AnyFlowTransformer3DModel", AUTHORS_CLASS, "WanTransformer3DModel")
-FAR_CLASSES = ("AnyFlowFARTransformer3DModel",)
+AUTHORS_CLASS = "FAR_Wan_Transformer3DModel"  # writes both models; init_far_model says which
+FAR_CLASS = "AnyFlowFARTransformer3DModel"
+CLASSES = ("AnyFlowTransformer3DModel", FAR_CLASS, AUTHORS_CLASS, "WanTransformer3DModel")
 
 # key -> (the values under which the writer's class computes what this model computes, what another value means)
 CONSTRAINED_KEYS: Dict[str, tuple] = {
@@ -42,22 +44,25 @@ CONSTRAINED_KEYS: Dict[str, tuple] = {
                                    "part of this model"),
     "init_flowmap_model": ((True,), "the writer's model then has no flow-map (dual-timestep) embedding: it is "
                                     "a plain Wan2.1 model, not AnyFlow"),
-    "init_far_model": ((False,), "the writer's model is then the FAR (causal) one"),
 }
+# Which of the two models the authors' class built (the FAR one has the compressed patch embedding).
+FAR_SWITCH = "init_far_model"
 # Settings of the frame-autoregressive model, which the bidirectional one never reads.
-FAR_ONLY_KEYS = ("compressed_patch_size", "full_chunk_limit", "chunk_partition")
+FAR_ONLY_KEYS = tuple(f.name for f in dataclasses.fields(AnyFlowFARConfig) if f.name not in
+                      {g.name for g in dataclasses.fields(AnyFlowConfig)})
 # Defaults of a writer's class that differ from ours, for keys its config may lack.
 CLASS_DEFAULTS: Dict[str, Dict[str, Any]] = {AUTHORS_CLASS: {"gate_value": 0.0}}
 
-OUR_KEYS = tuple(f.name for f in dataclasses.fields(AnyFlowConfig))
 
-
-def far_refusal(where: str, evidence: str) -> CheckpointError:
-    """The error for an AnyFlow FAR checkpoint given to the bidirectional model."""
-    return CheckpointError(
-        f"{where}: this is an AnyFlow FAR (causal, frame-autoregressive) checkpoint ({evidence}); "
-        "this model is the bidirectional AnyFlow transformer and does not take it"
-    )
+def describes_far(raw: Mapping[str, Any]) -> Optional[bool]:
+    """Whether a config dict describes the FAR model: by its class, or by ``init_far_model`` (the authors'
+    class); None when it says neither (a config written by hand)."""
+    class_name = raw.get("_class_name")
+    if class_name == FAR_CLASS:
+        return True
+    if FAR_SWITCH in raw:
+        return raw[FAR_SWITCH] is True
+    return None if class_name is None else False
 
 
 @dataclass(frozen=True)
@@ -73,26 +78,31 @@ def describe_keys(keys: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(keys.items()))
 
 
-def read_config(raw: Mapping[str, Any], source: str) -> ConfigReading:
+def read_config(raw: Mapping[str, Any], source: str, far_weights: bool = False) -> ConfigReading:
     """Read a diffusers-style config dict written by any of the supported classes (see the module
-    docstring). ``source`` names the file in errors."""
+    docstring) into an :class:`AnyFlowConfig`, or an :class:`AnyFlowFARConfig` where it describes
+    the FAR model (``far_weights`` decides for a config that says neither). ``source`` names the
+    file in errors."""
     class_name = raw.get("_class_name")
-    if class_name in FAR_CLASSES or raw.get("init_far_model") is True:
-        evidence = f"_class_name={json.dumps(class_name)}" if class_name in FAR_CLASSES else "init_far_model=true"
-        raise far_refusal(source, evidence)
-    if class_name is not None and class_name not in BIDIRECTIONAL_CLASSES:
+    if class_name is not None and class_name not in CLASSES:
         raise CheckpointError(
             f"{source}: _class_name={json.dumps(class_name)} is not a config this model reads; expected one of "
-            f"{list(BIDIRECTIONAL_CLASSES)}"
+            f"{list(CLASSES)}"
         )
+    far = describes_far(raw)
+    far = far_weights if far is None else far
+    config_class = AnyFlowFARConfig if far else AnyFlowConfig
+    our_keys = {f.name for f in dataclasses.fields(config_class)}
     ours: Dict[str, Any] = dict(CLASS_DEFAULTS.get(class_name, {}))
     set_aside: Dict[str, Any] = {}
     unknown = []
     for key, value in raw.items():
         if key.startswith("_"):
             continue
-        if key in OUR_KEYS:
+        if key in our_keys and not (far and value is None and key in FAR_ONLY_KEYS):
             ours[key] = value
+        elif key == FAR_SWITCH:
+            set_aside[key] = value
         elif key in CONSTRAINED_KEYS:
             allowed, meaning = CONSTRAINED_KEYS[key]
             if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):
@@ -108,7 +118,7 @@ def read_config(raw: Mapping[str, Any], source: str) -> ConfigReading:
             f"Wan2.1 transformers nor by the authors' {AUTHORS_CLASS} (a typo?)"
         )
     try:
-        config = AnyFlowConfig.from_dict(ours)
+        config = config_class.from_dict(ours)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{source}: {exc}") from None
     return ConfigReading(config, set_aside)

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, TextIO, Tuple, Union
 
-from anyflow.config import AnyFlowConfig
+from anyflow.config import AnyFlowConfig, AnyFlowFARConfig
 from anyflow.parameters import DTYPE_NAMES, is_fp32_island
 
 from .safetensors_io import HALF_DTYPES, TensorRecord, dtype_code, itemsize, map_records, torch_dtype
@@ -60,9 +60,10 @@ def loaded_nbytes(checkpoint: Checkpoint, dtype: Union[str, "torch.dtype", None]
 
 def config_json(config: AnyFlowConfig, to: str) -> Dict[str, object]:
     """The ``config.json`` written for ``to``: the config's keys under diffusers' class name."""
+    class_name = "AnyFlowFARTransformer3DModel" if isinstance(config, AnyFlowFARConfig) else "AnyFlowTransformer3DModel"
     if to == "diffusers":
-        return {"_class_name": "AnyFlowTransformer3DModel", "_diffusers_version": DIFFUSERS_VERSION, **config.to_dict()}
-    return {"_class_name": "AnyFlowTransformer3DModel", "_format": "anyflow", **config.to_dict()}
+        return {"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION, **config.to_dict()}
+    return {"_class_name": class_name, "_format": "anyflow", **config.to_dict()}
 
 
 @dataclass
@@ -86,17 +87,19 @@ def convert(
     config_path: Optional[str] = None,
     force: bool = False,
     progress: Optional[TextIO] = sys.stderr,
+    far: bool = False,
 ) -> ConversionReport:
     """Convert the checkpoint at ``src`` into folder ``out`` (our layout, or back to diffusers).
 
     Streams one tensor at a time, re-reads and checks every written tensor, then moves the
-    folder into place. ``src`` is never modified.
+    folder into place. ``src`` is never modified. ``far`` warm-starts a FAR model from a
+    bidirectional AnyFlow or Wan2.1 ``src``.
     """
     if to not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {to!r}")
     target_dtype = resolve_dtype(dtype)
     max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
-    checkpoint = open_checkpoint(src, from_format, config_path)
+    checkpoint = open_checkpoint(src, from_format, config_path, far)
     names = rename_keys(checkpoint.tensors, "to_diffusers") if to == "diffusers" else {k: k for k in checkpoint.tensors}
     tensors = []
     for k, lazy in checkpoint.tensors.items():
@@ -114,16 +117,18 @@ def load_checkpoint(
     device: Union[str, "torch.device"] = "cpu",
     from_format: Optional[str] = None,
     config_path: Optional[str] = None,
+    far: bool = False,
 ) -> Tuple[AnyFlowConfig, Dict[str, "torch.Tensor"]]:
     """Any supported checkpoint as (config, state dict under our names), ready for ``load_state_dict``.
 
     Safetensors files are mapped copy-on-write, so a tensor that needs no cast or move is read
     from disk only when first used, and the file never changes. ``dtype=None`` keeps the
     checkpoint's compute dtype; in half precision the fp32 islands are float32 either way.
+    ``far`` warm-starts a FAR model from a bidirectional AnyFlow or Wan2.1 checkpoint.
     """
     import torch
 
-    checkpoint = open_checkpoint(path, from_format, config_path)
+    checkpoint = open_checkpoint(path, from_format, config_path, far)
     dtype = resolve_dtype(dtype)
     if dtype is None:
         dtype = checkpoint.tensors["patch_embed.proj.weight"].dtype

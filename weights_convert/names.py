@@ -28,6 +28,7 @@ TOP_LEVEL_ROWS: Dict[str, List[Tuple[str, str, Tuple[str, ...]]]] = {
         ("scale_shift_table", "head.modulation", ()),
         ("proj_out", "head.proj", WB),
     ],
+    "far": [("far_patch_embedding", "far_patch_embed.proj", WB)],  # the FAR (causal) model's compressed patches
     "image": [
         ("condition_embedder.image_embedder.norm1", "image_proj.norm_in", WB),
         ("condition_embedder.image_embedder.ff.net.0.proj", "image_proj.fc_in", WB),

@@ -17,15 +17,16 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple, Union
 
-from anyflow.config import AnyFlowConfig
+from anyflow.config import AnyFlowConfig, AnyFlowFARConfig
 from anyflow.parameters import parameter_shapes
 
-from .configs import ConfigReading, far_refusal, read_config
+from .configs import ConfigReading, read_config
 from .names import FORMATS, WAN_WARM_START_COPIES
 from .safetensors_io import (
     FLOAT_DTYPES, CheckpointError, TensorRecord, dtype_code, read_header, read_json_object, read_sharded,
 )
 from .state_dict import KeyMismatchError, rename_keys
+from .warm_start import COMPRESSED, ResampledPatchKernel, add_far_patch_embedding
 
 FORMAT_DESCRIPTIONS = {
     "anyflow": "anyflow layout",
@@ -64,7 +65,8 @@ class InMemoryTensor:
         return self.tensor
 
 
-LazyTensor = Union[TensorRecord, InMemoryTensor]
+LazyTensor = Union[TensorRecord, InMemoryTensor, ResampledPatchKernel]
+FAR_WEIGHT = f"{COMPRESSED}.weight"
 
 
 @dataclass
@@ -80,10 +82,16 @@ class Checkpoint:
     source_names: Dict[str, str] = field(default_factory=dict)  # our name -> name in the file
     config_set_aside: Dict[str, object] = field(default_factory=dict)  # config.json keys that change nothing here
     config_file: Optional[str] = None  # the config.json read, if any (else the config was inferred from shapes)
+    far_warm_start: bool = False  # a FAR model made from a bidirectional source
 
     @property
     def description(self) -> str:
-        return f"{FORMAT_DESCRIPTIONS[self.format]} ({self.container}, {len(self.files)} file(s))"
+        what = FORMAT_DESCRIPTIONS[self.format]
+        if self.far_warm_start:
+            what += "; FAR warm start: compressed patch embedding resampled from the full one"
+        elif isinstance(self.config, AnyFlowFARConfig):
+            what += ", FAR (frame-autoregressive) model"
+        return f"{what} ({self.container}, {len(self.files)} file(s))"
 
     @property
     def nbytes(self) -> int:
@@ -207,11 +215,8 @@ def read_tensors(container: str, files: List[str]) -> Dict[str, LazyTensor]:
 
 
 def detect_format(keys: List[str], where: str) -> str:
-    """Recognise the naming of a checkpoint from its keys; refuse FAR and I2V checkpoints (errors name ``where``)."""
+    """Recognise the naming of a checkpoint from its keys; refuse I2V checkpoints (errors name ``where``)."""
     keyset = set(keys)
-    far = sorted(k for k in keys if k.startswith("far_patch_embedding"))
-    if far:
-        raise far_refusal(where, f"{far[0]} ...")
     i2v = sorted(k for k in keys if re.search(r"(add_[kv]_proj|norm_added_k|\.k_img\.|\.v_img\.|norm_k_img|^img_emb\.)", k))
     if i2v:
         raise CheckpointError(
@@ -252,10 +257,11 @@ def to_our_names(fmt: str, tensors: Dict[str, LazyTensor]) -> Tuple[Dict[str, La
     return {mapping[k]: v for k, v in named.items()}, {mapping[k]: origin[k] for k in named}
 
 
-def infer_config(shapes: Mapping[str, Tuple[int, ...]]) -> Dict[str, object]:
-    """Config values readable from our-named tensor shapes (SPEC section 3); the rest keep defaults.
+def infer_config(shapes: Mapping[str, Tuple[int, ...]]) -> AnyFlowConfig:
+    """The config readable from our-named tensor shapes (SPEC section 3); the rest keep defaults.
 
-    Heads are taken as D / 128, the head dim of the released models.
+    Heads are taken as D / 128, the head dim of the released models. Weights with a compressed
+    patch embedding make an :class:`AnyFlowFARConfig` (chunking as released).
     """
     hidden, in_channels, pt, ph, pw = shapes["patch_embed.proj.weight"]
     if hidden % 128:
@@ -276,7 +282,9 @@ def infer_config(shapes: Mapping[str, Tuple[int, ...]]) -> Dict[str, object]:
     )
     if "image_proj.norm_in.weight" in shapes:
         config["image_dim"] = shapes["image_proj.norm_in.weight"][0]
-    return config
+    if FAR_WEIGHT in shapes:
+        return AnyFlowFARConfig(**config, compressed_patch_size=tuple(shapes[FAR_WEIGHT][2:]))
+    return AnyFlowConfig(**config)
 
 
 def check_shapes(config: AnyFlowConfig, tensors: Mapping[str, LazyTensor], source_names: Mapping[str, str]) -> None:
@@ -302,11 +310,13 @@ def check_shapes(config: AnyFlowConfig, tensors: Mapping[str, LazyTensor], sourc
         raise CheckpointError(f"non-floating-point tensors: {bad_dtype[:10]}")
 
 
-def open_checkpoint(path: str, fmt: Optional[str] = None, config_path: Optional[str] = None) -> Checkpoint:
+def open_checkpoint(path: str, fmt: Optional[str] = None, config_path: Optional[str] = None, far: bool = False) -> Checkpoint:
     """Recognise and open any supported checkpoint at ``path`` (file or folder).
 
-    ``fmt`` forces one of :data:`FORMATS`; ``config_path`` (a diffusers-style config JSON) overrides the
-    config found beside the weights or inferred from their shapes.
+    ``fmt`` forces one of :data:`FORMATS`; ``config_path`` (a config JSON) overrides the config
+    found beside the weights or inferred from their shapes. ``far`` warm-starts a FAR model from a
+    bidirectional AnyFlow or Wan2.1 checkpoint (:mod:`.warm_start`; FAR settings as released
+    unless ``config_path`` gives them).
     """
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -320,23 +330,38 @@ def open_checkpoint(path: str, fmt: Optional[str] = None, config_path: Optional[
         tensors, source_names = to_our_names(fmt, raw)
     except KeyMismatchError as exc:
         raise KeyMismatchError(f"{files[0]} ({FORMAT_DESCRIPTIONS[fmt]}): {exc}") from None
+    far_weights = FAR_WEIGHT in tensors
+    if far and far_weights:
+        raise CheckpointError(f"{files[0]}: already an AnyFlow FAR checkpoint (it has far_patch_embedding); "
+                              "the FAR warm start takes a bidirectional AnyFlow or Wan2.1 one")
     config_file = config_path if config_path is not None else (
         found_config if fmt in ("anyflow", "diffusers", "wan-diffusers") else None
     )
     if config_file is not None:
-        reading = read_config(read_json_object(config_file, "config JSON"), config_file)
+        reading = read_config(read_json_object(config_file, "config JSON"), config_file, far_weights)
     else:
-        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
         try:
-            reading = ConfigReading(AnyFlowConfig(**infer_config(shapes)), {})
+            reading = ConfigReading(infer_config({k: tuple(v.shape) for k, v in tensors.items()}), {})
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{files[0]}: cannot infer the config from tensor shapes ({exc}); pass --config") from None
-    check_shapes(reading.config, tensors, source_names)
+    config = reading.config
+    if far:
+        if not isinstance(config, AnyFlowFARConfig):
+            config = AnyFlowFARConfig.from_dict(config.to_dict())  # the FAR settings as released
+        tensors = add_far_patch_embedding(tensors, config.compressed_patch_size)
+        source_names.update({k: f"{k} (warm start from patch_embedding)" for k in tensors if k.startswith(COMPRESSED)})
+    elif far_weights != isinstance(config, AnyFlowFARConfig):
+        raise CheckpointError(
+            f"{config_file}: describes the {'bidirectional' if far_weights else 'FAR'} model, but the weights "
+            + ("have far_patch_embedding (an AnyFlow FAR checkpoint)" if far_weights else
+               "have no far_patch_embedding (a bidirectional checkpoint; warm-start a FAR one with --far)")
+        )
+    check_shapes(config, tensors, source_names)
     ordered = {k: tensors[k] for k in sorted(tensors, key=_natural_key)}
     if container == "sharded safetensors":
         files = files + sorted({t.path for t in raw.values()})
-    return Checkpoint(os.path.abspath(path), fmt, container, files, reading.config, ordered, source_names,
-                      reading.set_aside, config_file)
+    return Checkpoint(os.path.abspath(path), fmt, container, files, config, ordered, source_names,
+                      reading.set_aside, config_file, far)
 
 
 def _natural_key(name: str):

@@ -1,0 +1,272 @@
+"""The frame-autoregressive (FAR) AnyFlow transformer: the same blocks, attending causally over chunks of frames.
+
+A video of F latent frames is made in chunks of frames (``chunk_partition``). Looking at a video,
+the model sees the most recent chunks at full resolution and older ones through a second patch
+embedding with a larger patch (``far_patch_embed``: 4x fewer tokens with the released
+(1, 4, 4)), whose RoPE rotations are the full grid's averaged over each compressed patch; frame
+positions are absolute. The token stream is ``[compressed older chunks | full-resolution chunks]``
+and a token attends to its own chunk and every earlier one (:mod:`anyflow.layout`).
+
+Three ways to run it:
+
+- :meth:`AnyFlowFARTransformer3DModel.forward`: a whole video at once, as in training (the
+  ``full_chunk_limit`` last chunks at full resolution), optionally with clean copies of the
+  full-resolution frames; returns the velocity of the full-resolution frames.
+- :meth:`~AnyFlowFARTransformer3DModel.encode_cache`: the clean frames generated so far, encoded
+  into a :class:`FarKVCache` of every block's keys and values at ``t = r = 0`` (there the
+  ``full_chunk_limit - 1`` last chunks are at full resolution).
+- :meth:`~AnyFlowFARTransformer3DModel.step`: one chunk of noisy frames attending to the cache
+  and to itself; returns its velocity. The sampler (:func:`anyflow.sample_far`) calls it for
+  every step of every chunk and refreshes the cache after each chunk.
+
+Refreshing the cache re-encodes only what changed: a compressed chunk's keys and values depend on
+the compressed chunks before it alone, so once computed they never change. After a chunk is
+generated, only the chunk that ages into the compressed part and the full-resolution chunks are
+encoded, whatever the length of the video (the reference re-encodes the whole prefix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .attention import KeyValue
+from .config import AnyFlowFARConfig, check_chunk_partition
+from .layout import TokenPlan, chunk_causal, chunk_causal_with_clean
+from .model import AnyFlowBackbone, PreparedContext, TimestepLike, Transformer3DOutput
+from .patchify import PatchEmbed, unpatchify
+from .rope import rope_rotations
+
+
+@dataclass
+class FarKVCache:
+    """Every block's self-attention keys (rotated) and values for the clean frames made so far.
+
+    Made by :meth:`AnyFlowFARTransformer3DModel.encode_cache`. The keys of every block are
+    ``[compressed chunks | full-resolution chunks]``: the first ``compressed_tokens`` belong to the
+    ``num_compressed_chunks`` oldest chunks and never change; the rest is replaced at each refresh.
+    """
+
+    chunk_partition: Tuple[int, ...]  # frames of each cached chunk, in order
+    num_compressed_chunks: int
+    compressed_tokens: int
+    latent_size: Tuple[int, int]  # (H, W) of the latents it was made from
+    layers: List[KeyValue]  # per block: keys, values (B, L, heads, head_dim)
+
+    @property
+    def num_frames(self) -> int:
+        return sum(self.chunk_partition)
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0][0].shape[0]
+
+    def compressed(self) -> List[KeyValue]:
+        """Each block's keys and values of the compressed chunks alone."""
+        n = self.compressed_tokens
+        return [(k[:, :n], v[:, :n]) for k, v in self.layers]
+
+
+class AnyFlowFARTransformer3DModel(AnyFlowBackbone):
+    """The frame-autoregressive AnyFlow flow-map transformer (see the module docstring)."""
+
+    config_class = AnyFlowFARConfig
+
+    def __init__(self, config: AnyFlowFARConfig):
+        super().__init__(config)
+        self.far_patch_embed = PatchEmbed(config.in_channels, config.hidden_size, config.compressed_patch_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: TimestepLike,
+        r_timestep: TimestepLike,
+        encoder_hidden_states: Union[torch.Tensor, PreparedContext],
+        chunk_partition: Optional[Sequence[int]] = None,
+        clean_hidden_states: Optional[torch.Tensor] = None,
+        clean_timestep: Optional[TimestepLike] = None,
+        encoder_hidden_states_image: Optional[torch.Tensor] = None,
+        return_dict: bool = True,
+    ) -> Union[Transformer3DOutput, Tuple[torch.Tensor]]:
+        """Mean velocity from t to r of a whole video, block-causal over its chunks (the training rollout).
+
+        Args:
+            hidden_states: latents (B, F, C_in, H, W).
+            timestep, r_timestep: t and r: a number, a 0-d or (B,) tensor, or one per frame (B, F).
+            encoder_hidden_states: UMT5 embeddings (B, S, text_dim), or a :class:`PreparedContext`.
+            chunk_partition: frames of each chunk, summing to F (default: the config's). All chunks
+                but the ``full_chunk_limit`` last are compressed.
+            clean_hidden_states: clean copies (B, F_full, C_in, H, W) of the full-resolution frames;
+                a noisy chunk then sees the clean copies of the earlier chunks instead of their
+                noisy frames, and each clean copy sees the clean copies up to its own chunk.
+            clean_timestep: the clean copies' timestep (default 0), embedded as t and as the target
+                MLP's input alike, as the reference does.
+            encoder_hidden_states_image: image tokens when the config has ``image_dim``.
+            return_dict: return a :class:`Transformer3DOutput` (else a 1-tuple).
+
+        Returns:
+            The velocity (B, F_full, C_out, H, W) of the full-resolution (last) frames.
+        """
+        cfg = self.config
+        grid = self._check_latents(hidden_states)
+        batch, frames = hidden_states.shape[:2]
+        partition = check_chunk_partition(cfg.chunk_partition if chunk_partition is None else chunk_partition, frames)
+        context = self._context(encoder_hidden_states, encoder_hidden_states_image, batch)
+        t = self._timestep_grid(timestep, "timestep", batch, frames)
+        r = self._timestep_grid(r_timestep, "r_timestep", batch, frames)
+
+        num_compressed = max(0, len(partition) - cfg.full_chunk_limit)
+        compressed_frames = sum(partition[:num_compressed])
+        full_frames = frames - compressed_frames
+        chunk_tokens = self._chunk_tokens(partition, num_compressed, grid)
+        latents = hidden_states.to(self.device, self.dtype)
+        x, segments, rope = self._stream(latents[:, :compressed_frames], latents[:, compressed_frames:], grid, 0)
+        visible = chunk_causal(chunk_tokens)
+        rt, mod = self.time_embed(t, r, self.dtype)  # (B, F, D), (B, F, 6, D)
+        if clean_hidden_states is not None:
+            expected = (batch, full_frames, *hidden_states.shape[2:])
+            if not isinstance(clean_hidden_states, torch.Tensor) or tuple(clean_hidden_states.shape) != expected:
+                shape = tuple(clean_hidden_states.shape) if isinstance(clean_hidden_states, torch.Tensor) else None
+                raise ValueError(f"clean_hidden_states must be (B, F_full, C, H, W) = {expected}, clean copies of the "
+                                 f"{full_frames} full-resolution frames; got {shape}")
+            clean_t = self._timestep_grid(0 if clean_timestep is None else clean_timestep, "clean_timestep", batch,
+                                          full_frames)
+            _, clean_mod = self.time_embed.embed(clean_t, clean_t, self.dtype)
+            mod = torch.cat([mod, clean_mod], dim=1)
+            x = torch.cat([x, self.patch_embed(clean_hidden_states.to(self.device, self.dtype))], dim=1)
+            segments = segments + segments[-1:]  # the clean copies: full-resolution frames again
+            rope = torch.cat([rope, rope[-full_frames * grid[1] * grid[2]:]])  # at the same positions
+            visible = chunk_causal_with_clean(chunk_tokens[:num_compressed], chunk_tokens[num_compressed:])
+        elif clean_timestep is not None:
+            raise ValueError("clean_timestep was given without clean_hidden_states")
+
+        x, _ = self._run_blocks(x, context, mod, TokenPlan(segments, rope, visible))
+        start = sum(chunk_tokens[:num_compressed])
+        full = x[:, start:start + sum(chunk_tokens[num_compressed:])]  # the noisy full-resolution tokens
+        head_segments = ((full_frames, grid[1] * grid[2]),)
+        velocity = unpatchify(self.head(full, rt[:, compressed_frames:], head_segments), (full_frames, *grid[1:]),
+                              cfg.patch_size)  # (B, F_full, C_out, H, W)
+        return Transformer3DOutput(velocity) if return_dict else (velocity,)
+
+    def encode_cache(
+        self,
+        latents: torch.Tensor,
+        chunk_partition: Sequence[int],
+        encoder_hidden_states: Union[torch.Tensor, PreparedContext],
+        cache: Optional[FarKVCache] = None,
+        encoder_hidden_states_image: Optional[torch.Tensor] = None,
+    ) -> FarKVCache:
+        """Encode the clean frames made so far, (B, F, C, H, W) in chunks of ``chunk_partition``, at t = r = 0.
+
+        Without ``cache`` every chunk is encoded (as the reference does after each chunk). With the
+        cache of a prefix of these chunks, only what changed is: the chunks that age into the
+        compressed part (attending to the compressed chunks already cached) and the
+        full-resolution chunks; the result is the same.
+        """
+        cfg = self.config
+        grid = self._check_latents(latents)
+        batch, frames = latents.shape[:2]
+        partition = check_chunk_partition(chunk_partition, frames)
+        context = self._context(encoder_hidden_states, encoder_hidden_states_image, batch)
+        num_compressed = max(0, len(partition) - (cfg.full_chunk_limit - 1))
+        reused = 0 if cache is None else self._reusable_chunks(cache, partition, num_compressed, latents)
+        reused_frames = sum(partition[:reused])
+        compressed_frames = sum(partition[:num_compressed])
+        latents = latents.to(self.device, self.dtype)
+        x, segments, rope = self._stream(latents[:, reused_frames:compressed_frames], latents[:, compressed_frames:],
+                                         grid, reused_frames)
+        chunk_tokens = self._chunk_tokens(partition[reused:], num_compressed - reused, grid)
+        past = cache.compressed() if reused else None
+        past_tokens = cache.compressed_tokens if reused else 0
+        zeros = torch.zeros(batch, frames - reused_frames, device=self.device)  # clean frames: t = r = 0
+        _, mod = self.time_embed(zeros, zeros, self.dtype)
+        plan = TokenPlan(segments, rope, chunk_causal(chunk_tokens, past_tokens))
+        _, kv = self._run_blocks(x, context, mod, plan, past, keep_kv=True)
+        if past is not None:
+            kv = [(torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1)) for (pk, pv), (k, v) in zip(past, kv)]
+        compressed_tokens = past_tokens + sum(chunk_tokens[:num_compressed - reused])
+        return FarKVCache(partition, num_compressed, compressed_tokens, tuple(latents.shape[-2:]), kv)
+
+    def step(
+        self,
+        chunk: torch.Tensor,
+        timestep: TimestepLike,
+        r_timestep: TimestepLike,
+        encoder_hidden_states: Union[torch.Tensor, PreparedContext],
+        cache: Optional[FarKVCache],
+        encoder_hidden_states_image: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Mean velocity (B, F_chunk, C_out, H, W) of the next chunk of noisy frames (B, F_chunk, C, H, W),
+        which attends to every cached frame (``cache`` None: the first chunk) and to itself."""
+        grid = self._check_latents(chunk)
+        batch, frames = chunk.shape[:2]
+        offset = 0
+        if cache is not None:
+            if cache.batch_size != batch or cache.latent_size != tuple(chunk.shape[-2:]):
+                raise ValueError(
+                    f"the cache was made for batch {cache.batch_size} and latents {cache.latent_size}, the chunk is "
+                    f"batch {batch} and {tuple(chunk.shape[-2:])}"
+                )
+            offset = cache.num_frames
+        if offset + frames > self.config.rope_max_seq_len:
+            raise ValueError(f"frames {offset}..{offset + frames - 1} exceed rope_max_seq_len={self.config.rope_max_seq_len}")
+        context = self._context(encoder_hidden_states, encoder_hidden_states_image, batch)
+        t = self._timestep_grid(timestep, "timestep", batch, frames)
+        r = self._timestep_grid(r_timestep, "r_timestep", batch, frames)
+        x = self.patch_embed(chunk.to(self.device, self.dtype))
+        rt, mod = self.time_embed(t, r, self.dtype)
+        segments = ((frames, grid[1] * grid[2]),)
+        plan = TokenPlan(segments, rope_rotations(grid, self.config.attention_head_dim, x.device, frame_offset=offset))
+        x, _ = self._run_blocks(x, context, mod, plan, None if cache is None else cache.layers)
+        return unpatchify(self.head(x, rt, segments), grid, self.config.patch_size)
+
+    def _check_latents(self, latents: torch.Tensor) -> Tuple[int, int, int]:
+        grid = super()._check_latents(latents)
+        h, w = latents.shape[-2:]
+        _, ch, cw = self.config.compressed_patch_size
+        if h % ch or w % cw:
+            raise ValueError(
+                f"hidden_states height x width {h}x{w} is not divisible by the compressed patch {ch}x{cw} "
+                "(compressed_patch_size) that older frames are seen through"
+            )
+        return grid
+
+    def _chunk_tokens(self, partition: Sequence[int], num_compressed: int, grid: Tuple[int, int, int]) -> List[int]:
+        """Tokens of each chunk: the first ``num_compressed`` chunks compressed, the rest at full resolution."""
+        _, h, w = grid
+        _, ph, pw = self.config.patch_size
+        _, ch, cw = self.config.compressed_patch_size
+        per_frame = (h * ph // ch) * (w * pw // cw), h * w
+        return [frames * per_frame[i >= num_compressed] for i, frames in enumerate(partition)]
+
+    def _stream(self, compressed: torch.Tensor, full: torch.Tensor, grid: Tuple[int, int, int], frame_offset: int):
+        """Tokens ``[compressed frames | full-resolution frames]`` of frames from ``frame_offset`` on:
+        (tokens (B, L, D), segments, RoPE rotations)."""
+        _, h, w = grid
+        _, ph, pw = self.config.patch_size
+        _, ch, cw = self.config.compressed_patch_size
+        pool = (ch // ph, cw // pw)
+        head_dim, device = self.config.attention_head_dim, self.device
+        parts, segments, ropes = [], [], []
+        if compressed.shape[1]:
+            small = (compressed.shape[1], h // pool[0], w // pool[1])
+            parts.append(self.far_patch_embed(compressed))
+            segments.append((small[0], small[1] * small[2]))
+            ropes.append(rope_rotations(small, head_dim, device, frame_offset, pool))
+        parts.append(self.patch_embed(full))
+        segments.append((full.shape[1], h * w))
+        ropes.append(rope_rotations((full.shape[1], h, w), head_dim, device, frame_offset + compressed.shape[1]))
+        return torch.cat(parts, dim=1), tuple(segments), torch.cat(ropes)
+
+    def _reusable_chunks(self, cache: FarKVCache, partition: Tuple[int, ...], num_compressed: int,
+                         latents: torch.Tensor) -> int:
+        """How many compressed chunks of ``cache`` stay valid for ``partition`` (its chunks must come first)."""
+        if partition[:len(cache.chunk_partition)] != cache.chunk_partition:
+            raise ValueError(f"the cache holds chunks {list(cache.chunk_partition)}, which do not begin "
+                             f"chunk_partition {list(partition)}")
+        if cache.batch_size != latents.shape[0] or cache.latent_size != tuple(latents.shape[-2:]):
+            raise ValueError(f"the cache was made for batch {cache.batch_size} and latents {cache.latent_size}, "
+                             f"these are batch {latents.shape[0]} and {tuple(latents.shape[-2:])}")
+        return min(cache.num_compressed_chunks, num_compressed)
