@@ -161,9 +161,9 @@ class AnyFlowFARTransformer3DModel(AnyFlowBackbone):
         """Encode the clean frames made so far, (B, F, C, H, W) in chunks of ``chunk_partition``, at t = r = 0.
 
         Without ``cache`` every chunk is encoded (as the reference does after each chunk). With the
-        cache of a prefix of these chunks, only what changed is: the chunks that age into the
-        compressed part (attending to the compressed chunks already cached) and the
-        full-resolution chunks; the result is the same.
+        cache of the first of these chunks (made from these same frames), only what changed is: the
+        chunks that age into the compressed part (attending to the compressed chunks already cached)
+        and the full-resolution chunks; the result is the same.
         """
         cfg = self.config
         grid = self._check_latents(latents)
@@ -185,7 +185,8 @@ class AnyFlowFARTransformer3DModel(AnyFlowBackbone):
         plan = TokenPlan(segments, rope, chunk_causal(chunk_tokens, past_tokens))
         _, kv = self._run_blocks(x, context, mod, plan, past, keep_kv=True)
         if past is not None:
-            kv = [(torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1)) for (pk, pv), (k, v) in zip(past, kv)]
+            for i, ((pk, pv), (k, v)) in enumerate(zip(past, kv)):  # layer by layer: one layer's copy at a time
+                kv[i] = (torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1))
         compressed_tokens = past_tokens + sum(chunk_tokens[:num_compressed - reused])
         return FarKVCache(partition, num_compressed, compressed_tokens, tuple(latents.shape[-2:]), kv)
 

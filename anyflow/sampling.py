@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -247,7 +247,7 @@ def sample_far(
     batch, frames = noise.shape[:2]
     partition = check_chunk_partition(cfg.chunk_partition if chunk_partition is None else chunk_partition, frames)
     ends = [sum(partition[:i + 1]) for i in range(len(partition))]
-    given = _check_given_frames(context_latents, noise, ends)
+    given = check_given_frames(context_latents, tuple(noise.shape), partition)
 
     device, dtype = model.device, model.dtype
     latents = noise.to(device=device, dtype=dtype, copy=True)  # never write into the caller's noise
@@ -274,11 +274,13 @@ def sample_far(
     return latents
 
 
-def _check_given_frames(context_latents: Optional[torch.Tensor], noise: torch.Tensor, chunk_ends: List[int]) -> int:
-    """The number K of given frames, checked to match the noise and to end a chunk."""
+def check_given_frames(context_latents: Optional[torch.Tensor], noise_shape: Tuple[int, ...],
+                       chunk_partition: Sequence[int]) -> int:
+    """The number K of frames given to :func:`sample_far`, checked against the noise's shape and to end a chunk."""
     if context_latents is None:
         return 0
-    b, f, c, h, w = noise.shape
+    chunk_ends = [sum(chunk_partition[:i + 1]) for i in range(len(chunk_partition))]
+    b, f, c, h, w = noise_shape
     if (not isinstance(context_latents, torch.Tensor) or context_latents.dim() != 5 or context_latents.shape[0] != b
             or tuple(context_latents.shape[2:]) != (c, h, w)):
         shape = tuple(context_latents.shape) if isinstance(context_latents, torch.Tensor) else type(context_latents).__name__

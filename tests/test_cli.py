@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from anyflow import AnyFlowTransformer3DModel, sample
-from anyflow.cli import TINY_CHECKPOINT, main
+from anyflow import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel, sample, sample_far
+from anyflow.cli import TINY_CHECKPOINT, TINY_FAR_CHECKPOINT, main
 
 from conftest import require_oracle
 
@@ -37,7 +37,8 @@ def test_help_does_not_import_torch():
 def test_demo_passes(capsys):
     assert main(["demo"]) == 0
     printed = capsys.readouterr().out
-    assert "demo passed" in printed and "(ok)" in printed and printed.count(" ok\n") == 3 and "FAIL" not in printed
+    assert "demo passed" in printed and printed.count("(ok)") == 2 and printed.count(" ok\n") == 7
+    assert "FAIL" not in printed and "== FAR ==" in printed
 
 
 @pytest.mark.reference
@@ -49,13 +50,25 @@ def test_golden_values_are_the_oracles():
     its size (3e-7 seen between AVX512 and AVX2). The bar is the fp32 parity bar, 1e-5 of max|ref|:
     30x above that noise, and far below what any wrong operation does (errors of order 1).
     """
-    Oracle = require_oracle()
-    oracle = Oracle.from_pretrained(os.path.join(TINY_CHECKPOINT, "transformer")).eval()
-    golden = load_file(os.path.join(TINY_CHECKPOINT, "golden.safetensors"))
-    with torch.no_grad():
-        forward = oracle(golden["noise"], golden["timestep"], golden["r_timestep"], golden["prompt_embeds"]).sample
-    assert (forward - golden["forward"]).abs().max() <= 1e-5 * golden["forward"].abs().max()
-    assert os.path.getsize(os.path.join(TINY_CHECKPOINT, "transformer", "diffusion_pytorch_model.safetensors")) < 4e6
+    for folder, oracle_name, pipeline_name, extra in [
+        (TINY_CHECKPOINT, "AnyFlowTransformer3DModel", "AnyFlowPipeline", {}),
+        (TINY_FAR_CHECKPOINT, "AnyFlowFARTransformer3DModel", "AnyFlowFARPipeline", {"chunk_partition": [1, 2, 2, 2]}),
+    ]:
+        oracle = require_oracle(oracle_name).from_pretrained(os.path.join(folder, "transformer")).eval()
+        golden = load_file(os.path.join(folder, "golden.safetensors"))
+        noise, text = golden["noise"], golden["prompt_embeds"]
+        with torch.no_grad():
+            forward = oracle(noise, golden["timestep"], golden["r_timestep"], text, **extra).sample
+        assert (forward - golden["forward"]).abs().max() <= 1e-5 * golden["forward"].abs().max()
+        pipe = require_oracle(pipeline_name)(tokenizer=None, text_encoder=None, transformer=oracle, vae=None,
+                                            scheduler=require_oracle("FlowMapEulerDiscreteScheduler")(shift=5.0))
+        pipe.set_progress_bar_config(disable=True)
+        b, f, c, h, w = noise.shape
+        with torch.no_grad():
+            latents = pipe(prompt_embeds=text, latents=noise.transpose(1, 2), num_inference_steps=2, output_type="latent",
+                           height=8 * h, width=8 * w, num_frames=4 * (f - 1) + 1).frames.transpose(1, 2)
+        assert (latents - golden["sample_2_steps"]).abs().max() <= 1e-5 * golden["sample_2_steps"].abs().max()
+        assert os.path.getsize(os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors")) < 4e6
 
 
 @pytest.fixture
@@ -289,3 +302,61 @@ def test_memory_estimate_adds_its_parts_and_doubles_with_guidance():
     # 81 frames at 480p, 1.3B widths in bf16: 24 bytes per token and unit (measured: 19), one FFN chunk, RoPE
     assert 1.4 * 2**30 < plain.activations < 1.5 * 2**30
     assert available_memory(torch.device("cpu")) > 0
+
+
+# ---- anyflow sample on a FAR checkpoint --------------------------------------------------------------
+
+FAR_ARGS = ["sample", "--model", TINY_FAR_CHECKPOINT, "--frames", "25", "--height", "128", "--width", "256",
+            "--steps", "2", "--seed", "5", "--device", "cpu"]
+
+
+def test_sample_on_a_far_checkpoint_goes_chunk_by_chunk(tmp_path, embeddings, capsys):
+    image = torch.randn(1, 16, 1, 16, 32, generator=torch.Generator().manual_seed(6))  # (B, C, K, H, W)
+    save_file({"latents": image}, str(tmp_path / "image.safetensors"))
+    model = AnyFlowFARTransformer3DModel.from_pretrained(TINY_FAR_CHECKPOINT)
+    noise = torch.randn(1, 7, 16, 16, 32, generator=torch.Generator().manual_seed(5))
+    text = load_file(str(embeddings))["prompt_embeds"]
+    for extra, given, chunks in [([], None, 4), (["--context-latents", str(tmp_path / "image.safetensors")], image, 3)]:
+        out = tmp_path / "latents.safetensors"
+        assert main(FAR_ARGS + ["--prompt-embeds", str(embeddings), "--out", str(out), "--force"] + extra) == 0
+        printed = capsys.readouterr().out
+        assert "cache" in printed.splitlines()[0]  # the memory estimate counts the key/value cache
+        assert f"chunk 4/4 (2 frames): step {2 * chunks}/{2 * chunks}" in printed
+        assert f"after 2 step(s) in each of {chunks} chunk(s)" in printed
+        expected = sample_far(model, noise, text, num_steps=2,
+                              context_latents=None if given is None else given.transpose(1, 2))
+        assert torch.equal(load_file(str(out))["latents"], expected.transpose(1, 2))
+        with safe_open(str(out), "pt") as f:
+            assert f.metadata()["chunk_partition"] == "[1, 2, 2, 2]"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--chunk-partition", "1", "2"], r"--chunk-partition \[1, 2\] sums to 3 latent frames, the video has 7 "
+                                      r"\(--frames 25\); give a --chunk-partition that sums to 7"),
+    (["--guidance-scale", "2"], r"--guidance-scale 2.0: the FAR sampler runs without guidance"),
+    (["--context-latents", "{two_frames}"], r"--context-latents .*: context_latents gives 2 frames, which do not fill "
+                                            r"whole chunks"),
+    (["--context-latents", "{wrong_size}"], r"--context-latents .*: 'latents' is torch.float32 \(1, 16, 1, 8, 8\); "
+                                            r"expected floats \(B=1, C=16, K, H=16, W=32\)"),
+    (["--context-latents", "{nan}"], r"--context-latents .*: 'latents' has NaN or infinite values"),
+    (["--height", "136"], r"--height must be a positive multiple of 16"),
+])
+def test_far_sample_errors_are_one_line_before_loading(tmp_path, embeddings, capsys, monkeypatch, extra, message):
+    files = {"two_frames": torch.zeros(1, 16, 2, 16, 32), "wrong_size": torch.zeros(1, 16, 1, 8, 8),
+             "nan": torch.full((1, 16, 1, 16, 32), float("nan"))}
+    for name, tensor in files.items():
+        save_file({"latents": tensor}, str(tmp_path / f"{name}.safetensors"))
+    monkeypatch.setattr(AnyFlowFARTransformer3DModel, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    args = FAR_ARGS + ["--prompt-embeds", str(embeddings), "--out", str(tmp_path / "o.safetensors")]
+    args += [a.format(**{k: tmp_path / f"{k}.safetensors" for k in files}) for a in extra]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_chunk_partition_on_a_bidirectional_checkpoint_is_refused(tmp_path, embeddings, capsys):
+    args = ["sample", "--model", TINY_CHECKPOINT, "--prompt-embeds", str(embeddings), "--frames", "9", "--height", "64",
+            "--width", "64", "--chunk-partition", "3", "--out", str(tmp_path / "o.safetensors"), "--device", "cpu"]
+    assert main(args) == 1
+    assert "--chunk-partition: " in capsys.readouterr().err and not (tmp_path / "o.safetensors").exists()

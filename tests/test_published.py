@@ -140,6 +140,10 @@ def test_released_far_snapshot_loads_converts_and_equals_the_oracle(released_far
         assert torch.equal(converted(latents, t, r, text).sample, ours(latents, t, r, text).sample)
     with pytest.raises(ValueError, match="an AnyFlow FAR .* checkpoint; load it with AnyFlowFARTransformer3DModel"):
         AnyFlowTransformer3DModel.from_pretrained(str(released_far))
+    assert anyflow_main(["inspect", str(released_far)]) == 0
+    printed = capsys.readouterr().out
+    assert "format: AnyFlow, diffusers layout, FAR (frame-autoregressive) model (sharded safetensors" in printed
+    assert "'chunk_partition': [1, 3, 3, 3, 3, 3, 3, 2]" in printed
 
 
 REFUSED = {
