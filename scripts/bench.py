@@ -18,14 +18,14 @@ RSS growth. Needs the test extra (diffusers) for the oracle.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchlib import ROOT, run_worker, save_random_weights
+
 D13 = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960)
 CONFIGS = {
     # name: (model config, latent (F, C, H, W), text tokens)
@@ -130,27 +130,13 @@ def prepare(name: str, workdir: str) -> tuple:
         from diffusers import AnyFlowTransformer3DModel as Oracle
 
         torch.manual_seed(0)
-        oracle = Oracle(**model_cfg)
-        with torch.no_grad():  # O(1) activations, as in the parity tests
-            for pname, p in oracle.named_parameters():
-                if p.dim() >= 2 and "scale_shift_table" not in pname:
-                    p.copy_(torch.randn(p.shape) / p[0].numel() ** 0.5)
-        oracle.save_pretrained(weights + ".tmp")
-        os.rename(weights + ".tmp", weights)
+        save_random_weights(Oracle(**model_cfg), weights)
     if not os.path.exists(inputs):
         gen = torch.Generator().manual_seed(1)
         t = 1000 * torch.rand(1, latent[0], generator=gen)
         save_file({"latents": torch.randn(1, *latent, generator=gen), "t": t, "r": t * 0.5,
                    "text": torch.randn(1, text_len, 4096, generator=gen)}, inputs)
     return weights, inputs
-
-
-def run_worker(job: dict) -> dict:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, "-c", WORKER, json.dumps(job)], capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise RuntimeError(f"{job['impl']} {job['config']} {job['dtype']} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def command_seconds(code: str, repeats: int = 5) -> float:
@@ -197,7 +183,7 @@ def main() -> None:
             outputs = {impl: os.path.join(args.workdir, f"out-{name}-{dtype}-{impl}.pt") for impl in impls}
             for _ in range(args.repeats):
                 for impl in impls:  # alternate, so drift hits all alike
-                    runs[impl].append(run_worker(dict(impl=impl, config=name, dtype=dtype, device=args.device,
+                    runs[impl].append(run_worker(WORKER, dict(impl=impl, config=name, dtype=dtype, device=args.device,
                                                       weights=weights, inputs=inputs, output=outputs[impl],
                                                       warmup=name == "tiny" or impl == "ours+compile")))
             ref = torch.load(outputs["oracle"])

@@ -21,13 +21,11 @@ states). Needs the test extra (diffusers).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchlib import run_worker, save_random_weights
+
 WIDTHS = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960)
 
 WORKER = r"""
@@ -103,26 +101,12 @@ def prepare(args, workdir: str):
         from diffusers import AnyFlowFARTransformer3DModel as Oracle
 
         torch.manual_seed(0)
-        oracle = Oracle(**WIDTHS, num_layers=args.layers, chunk_partition=tuple(args.partition))
-        with torch.no_grad():  # O(1) activations, as in the parity tests
-            for name, p in oracle.named_parameters():
-                if p.dim() >= 2 and "scale_shift_table" not in name:
-                    p.copy_(torch.randn(p.shape) / p[0].numel() ** 0.5)
-        oracle.save_pretrained(weights + ".tmp")
-        os.rename(weights + ".tmp", weights)
+        save_random_weights(Oracle(**WIDTHS, num_layers=args.layers, chunk_partition=tuple(args.partition)), weights)
     if not os.path.exists(inputs):
         gen = torch.Generator().manual_seed(1)
         save_file({"noise": torch.randn(1, sum(args.partition), 16, h, w, generator=gen),
                    "text": torch.randn(1, 512, 4096, generator=gen)}, inputs)
     return weights, inputs
-
-
-def run(job: dict) -> dict:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, "-c", WORKER, json.dumps(job)], capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise RuntimeError(f"{job['impl']} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -148,7 +132,7 @@ def main() -> None:
     results = {impl: [] for impl in impls}
     for _ in range(args.repeats):
         for impl in impls:  # alternate, so drift hits all alike
-            results[impl].append(run(dict(impl=impl, dtype=args.dtype, weights=weights, inputs=inputs,
+            results[impl].append(run_worker(WORKER, dict(impl=impl, dtype=args.dtype, weights=weights, inputs=inputs,
                                           output=outputs[impl], partition=args.partition, steps=args.steps)))
     h, w = args.latent
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}; 1.3B widths, {args.layers} layers, "
