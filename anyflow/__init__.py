@@ -21,6 +21,8 @@ _EXPORTS = {
     "parameter_shapes": "parameters",
     "PreparedContext": "model",
     "Transformer3DOutput": "model",
+    "parallelize": "parallel",
+    "load_parallel": "parallel",
     "sample": "sampling",
     "sample_far": "sampling",
     "flow_map_sigmas": "sampling",

@@ -19,20 +19,29 @@ from .layout import TokenPlan, Visibility
 from .linear import Linear, computes_in_fp32
 from .norms import RMSNorm
 from .rope import apply_rope
+from .sequence_parallel import TokenSplit, heads_to_tokens, tokens_to_heads
 
 HEADS_PER_FP32_GROUP = 4
 KeyValue = Tuple[torch.Tensor, torch.Tensor]
 
 
 def multi_head_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: Optional[Visibility] = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: Optional[Visibility] = None,
+    sequence: Optional[TokenSplit] = None,
 ) -> torch.Tensor:
     """q (B, Lq, H, d), k and v (B, Lk, H, d) -> (B, Lq, H*d).
 
     ``visible`` (see :mod:`anyflow.layout`) restricts each chunk of queries to its key spans: each
     chunk is attended on its own keys, so the cost is that of the keys it sees, and no L x L mask
-    is built. ``None``: every query sees every key.
+    is built. ``None``: every query sees every key. With ``sequence`` the tokens are this rank's
+    part of a stream split over ranks: heads are exchanged for tokens, all tokens attended for
+    H/P heads, and exchanged back (:mod:`anyflow.sequence_parallel`).
     """
+    if sequence is not None:
+        if visible is not None:
+            raise ValueError("sequence parallelism attends every token to every token (no block-causal streams)")
+        q, k, v = (heads_to_tokens(t, sequence) for t in (q, k, v))  # (B, L, H/P, d)
+        return tokens_to_heads(_attend_heads(q, k, v).unflatten(-1, (q.shape[2], -1)), sequence).flatten(2)
     if visible is None:
         return _attend_heads(q, k, v)
     outputs = []
@@ -88,7 +97,7 @@ class SelfAttention(nn.Module):
         k = apply_rope(self.norm_k(self.k(x)).unflatten(2, heads), plan.rope)
         v = self.v(x).unflatten(2, heads)
         keys, values = (k, v) if past is None else (torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1))
-        return self.o(multi_head_attention(q, keys, values, plan.visible)), (k, v)
+        return self.o(multi_head_attention(q, keys, values, plan.visible, plan.sequence)), (k, v)
 
 
 class CrossAttention(nn.Module):

@@ -13,7 +13,7 @@ Norms and the gated residual adds run in float32; the stream is stored in the mo
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -106,19 +106,26 @@ class DiTBlock(nn.Module):
         self.ffn = FeedForward(hidden_size, ffn_dim)
         self.modulation = modulation_table(6, hidden_size)
 
+    def context_kv(self, context: torch.Tensor) -> KeyValue:
+        """This block's cross-attention keys and values of the embedded context (B, S, D)."""
+        return self.cross_attn.context_kv(context)
+
     def forward(
         self,
         x: torch.Tensor,
-        context_kv: KeyValue,
+        context: Union[torch.Tensor, KeyValue],
         mod: torch.Tensor,
         plan: TokenPlan,
         past: Optional[KeyValue] = None,
     ) -> Tuple[torch.Tensor, KeyValue]:
-        """x (B, L, D); context_kv from ``cross_attn.context_kv``; mod (B, F, 6, D), one row per
-        frame of ``plan.segments``; ``past``: cached keys and values of earlier frames.
+        """x (B, L, D); context: the embedded context (B, S, D) or this block's keys and values of it
+        (:meth:`context_kv`); mod (B, F, 6, D), one row per frame of ``plan.segments``; ``past``:
+        cached keys and values of earlier frames.
 
         Returns the new x and this block's self-attention keys (rotated) and values of the stream.
         """
+        # (not through self.context_kv: under FSDP that method gathers and frees this block's weights itself)
+        context_kv = context if isinstance(context, tuple) else self.cross_attn.context_kv(context)
         m = (self.modulation.float() + mod.float()).unsqueeze(3)  # (B, F, 6, 1, D)
         shift1, scale1, gate1, shift2, scale2, gate2 = m.unbind(2)  # each (B, F, 1, D)
         segments = plan.segments

@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="model dtype; auto = bfloat16 on CUDA, float32 on CPU")
     sample.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    sample.add_argument("--shard-weights", action="store_true",
+                        help="under torchrun: shard the weights over the processes (FSDP2; each reads only its shard)")
+    sample.add_argument("--sequence-parallel", action="store_true",
+                        help="under torchrun: split the tokens over the processes (Ulysses; bidirectional model; the "
+                        "attention heads must divide evenly)")
     sample.add_argument("--out", required=True, metavar="FILE", help="output .safetensors file")
     sample.add_argument("--force", action="store_true",
                         help="replace an existing output file (never one of the inputs)")
@@ -279,7 +284,7 @@ class SampleRun:
     partition: Optional[tuple] = None  # FAR chunks
 
 
-def check_sample_run(args: argparse.Namespace) -> SampleRun:
+def check_sample_run(args: argparse.Namespace, processes: "Processes") -> SampleRun:
     """Every check of ``anyflow sample`` that needs neither the model's weights nor the noise (see the module
     docstring), ending with the memory estimate, printed and enforced."""
     inputs = [("--prompt-embeds", args.prompt_embeds), ("--negative-embeds", args.negative_embeds),
@@ -301,7 +306,7 @@ def check_sample_run(args: argparse.Namespace) -> SampleRun:
         schedule = flow_map_sigmas(args.steps, args.shift, args.sigmas)
     except ValueError as exc:
         raise ValueError(f"{'--sigmas' if args.sigmas else '--steps'}: {exc}") from None
-    device = resolve_device(args.device)
+    device = processes.device
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
 
@@ -309,6 +314,8 @@ def check_sample_run(args: argparse.Namespace) -> SampleRun:
     check_out(args.out, args.force, [("--model", f) for f in checkpoint.files + [checkpoint.config_file]])
     config = checkpoint.config
     far = isinstance(config, AnyFlowFARConfig)
+    if far and args.sequence_parallel:
+        raise ValueError("--sequence-parallel: the FAR model runs over several processes with --shard-weights only")
     check_grid(config, args.frames, args.height, args.width)
     guided = args.guidance_scale > 1
     partition = None
@@ -338,29 +345,122 @@ def check_sample_run(args: argparse.Namespace) -> SampleRun:
     weights, text_tokens = loaded_nbytes(checkpoint, dtype), text.shape[1]
     estimate = (estimate_far_sampling_memory(config, weights, noise_shape, text_tokens, element_size, partition)
                 if far else estimate_sampling_memory(config, weights, noise_shape, text_tokens, element_size, guided))
+    estimate = processes.share(estimate, args.shard_weights, args.sequence_parallel)
     free = available_memory(device)
-    print(f"memory: about {estimate.describe()} needed; {gib(free) if free is not None else 'unknown'} available "
-          f"on {device}", flush=True)
-    if free is not None and estimate.total > free:
+    need, where = processes.sharing_memory(estimate.total, device)
+    processes.say(f"memory: about {estimate.describe()} needed{' per process' if processes.count > 1 else ''}; "
+                  f"{gib(free) if free is not None else 'unknown'} available on {where}")
+    if free is not None and need > free:
         raise ValueError(f"--frames {args.frames} --height {args.height} --width {args.width}: the run needs about "
-                         f"{gib(estimate.total)} but {device} has {gib(free)} available; use fewer frames or pixels")
+                         f"{gib(need)} but {where} has {gib(free)} available; use fewer frames or pixels")
     return SampleRun(config, far, schedule, steps_to_run(schedule), device, dtype, noise_shape, text, negative, given,
                      partition)
 
 
+class Processes:
+    """The processes of a run: one, or the ranks torchrun started (rank 0 prints and writes)."""
+
+    def __init__(self, args: argparse.Namespace):
+        import torch
+
+        self.count = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.mesh = None
+        parallel = [flag for flag, on in (("--shard-weights", args.shard_weights),
+                                          ("--sequence-parallel", args.sequence_parallel)) if on]
+        if self.count == 1 and parallel:
+            raise ValueError(f"{parallel[0]} needs several processes: torchrun --nproc-per-node N -m anyflow sample ...")
+        if self.count > 1 and not parallel:
+            raise ValueError(f"running in {self.count} processes (torchrun): pass --shard-weights and/or "
+                             "--sequence-parallel, or every process would do the whole job")
+        self.device = resolve_device(args.device)
+        if self.count > 1:
+            import torch.distributed as dist
+            from torch.distributed.device_mesh import init_device_mesh
+
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.mesh = init_device_mesh(self.device.type, (self.count,))
+
+    def say(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
+    def share(self, estimate, shard_weights: bool, sequence_parallel: bool):
+        """One process's part of a run's memory estimate."""
+        from dataclasses import replace
+
+        weights = estimate.weights // self.count if shard_weights else estimate.weights
+        activations = estimate.activations // self.count if sequence_parallel else estimate.activations
+        return replace(estimate, weights=weights, activations=activations)
+
+    def sharing_memory(self, per_process: int, device):
+        """What the processes on ``device`` need together, and where: CPU processes of one machine share its memory."""
+        if device.type == "cpu" and self.count > 1:
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.count))
+            return per_process * local, f"this machine ({local} processes)"
+        return per_process, str(device)
+
+    def agree(self, ok: bool) -> bool:
+        """Whether every process got this far (always true alone): a rank that failed its checks stops the others."""
+        if self.count == 1:
+            return ok
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(ok)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        if self.count > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
 def run_sample(args: argparse.Namespace) -> int:
+    processes = Processes(args)
+    try:
+        return sample_in(processes, args)
+    finally:
+        processes.close()
+
+
+def sample_in(processes: Processes, args: argparse.Namespace) -> int:
+    import contextlib
+
     import torch
 
     from anyflow import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel, sample, sample_far
+    from anyflow.parallel import load_parallel
 
-    run = check_sample_run(args)
+    failure, output = None, None
+    try:
+        run = check_sample_run(args, processes)
+        output = ClaimedOutput(args.out) if processes.rank == 0 else None
+    except (ValueError, OSError) as exc:
+        failure = exc
+    if not processes.agree(failure is None):
+        if output is not None:
+            output.__exit__(None, None, None)
+        raise failure or ValueError("another process stopped at its checks (its error is above); nothing was written")
     schedule, steps, partition = run.schedule, run.steps, run.partition
-    with ClaimedOutput(args.out) as output:
+    with output if output is not None else contextlib.nullcontext():
         start = time.perf_counter()
         model_class = AnyFlowFARTransformer3DModel if run.far else AnyFlowTransformer3DModel
-        model = model_class.from_pretrained(args.model, dtype=run.dtype, device=run.device)
-        print(f"loaded {args.model} ({count(sum(p.numel() for p in model.parameters()))} parameters, {run.dtype}, "
-              f"{run.device}) in {time.perf_counter() - start:.1f} s", flush=True)
+        if processes.mesh is None:
+            model = model_class.from_pretrained(args.model, dtype=run.dtype, device=run.device)
+        else:
+            model = load_parallel(model_class, args.model, processes.mesh, run.dtype, run.device,
+                                  shard_weights=args.shard_weights, sequence_parallel=args.sequence_parallel)
+        processes.say(f"loaded {args.model} ({count(sum(p.numel() for p in model.parameters()))} parameters, "
+                      f"{run.dtype}, {run.device}"
+                      + (f", {processes.count} processes" if processes.count > 1 else "")
+                      + f") in {time.perf_counter() - start:.1f} s")
         noise = torch.randn(run.noise_shape, generator=torch.Generator().manual_seed(args.seed))
         common = dict(num_steps=args.steps, sigmas=args.sigmas, shift=args.shift, use_mean_velocity=not args.raw_euler,
                       context_latents=run.given)
@@ -368,43 +468,44 @@ def run_sample(args: argparse.Namespace) -> int:
         if run.far:
             given_frames = 0 if run.given is None else run.given.shape[1]
             chunks = [i for i, end in enumerate(accumulate(partition)) if end > given_frames]
-            progress = Progress(len(chunks) * len(steps))
+            progress = Progress(len(chunks) * len(steps), processes.say)
             latents = sample_far(model, noise, text, chunk_partition=partition, **common,
                                  callback=lambda chunk, i, t, z: progress.step(
                                      f"chunk {chunk + 1}/{len(partition)} ({partition[chunk]} frames)", t,
                                      1000 * schedule[i + 1].item()))
         else:
-            progress = Progress(len(steps))
+            progress = Progress(len(steps), processes.say)
             negative = None if run.negative is None else run.negative.to(run.dtype)
             latents = sample(model, noise, text, guidance_scale=args.guidance_scale,
                              negative_encoder_hidden_states=negative, **common,
                              callback=lambda i, t, z: progress.step("", t, 1000 * schedule[i + 1].item()))
         latents = latents.float().transpose(1, 2).contiguous().cpu()  # diffusers layout (B, C, F, H, W)
-        metadata = {"steps": str(len(steps)), "sigmas": json.dumps([round(s, 6) for s in schedule.tolist()]),
-                    "shift": str(args.shift), "seed": str(args.seed), "guidance_scale": str(args.guidance_scale),
-                    "flow_map": str(not args.raw_euler).lower(),
-                    "given_frames": str(0 if run.given is None else run.given.shape[1])}
-        if run.far:
-            metadata["chunk_partition"] = json.dumps(list(partition))
-        output.commit([(LATENTS_KEY, latents)], metadata)
-    print(f"wrote {args.out}: '{LATENTS_KEY}' {tuple(latents.shape)} float32 (B, C, F, H, W) after {len(steps)} step(s)"
-          + (f" in each of {len(chunks)} chunk(s)" if run.far else ""))
+        if output is not None:
+            metadata = {"steps": str(len(steps)), "sigmas": json.dumps([round(s, 6) for s in schedule.tolist()]),
+                        "shift": str(args.shift), "seed": str(args.seed), "guidance_scale": str(args.guidance_scale),
+                        "flow_map": str(not args.raw_euler).lower(),
+                        "given_frames": str(0 if run.given is None else run.given.shape[1])}
+            if run.far:
+                metadata["chunk_partition"] = json.dumps(list(partition))
+            output.commit([(LATENTS_KEY, latents)], metadata)
+    processes.say(f"wrote {args.out}: '{LATENTS_KEY}' {tuple(latents.shape)} float32 (B, C, F, H, W) after "
+                  f"{len(steps)} step(s)" + (f" in each of {len(chunks)} chunk(s)" if run.far else ""))
     return 0
 
 
 class Progress:
     """One line per step: which, the timesteps, its seconds, elapsed and an estimate of what is left."""
 
-    def __init__(self, total: int):
-        self.total, self.done = total, 0
+    def __init__(self, total: int, say=print):
+        self.total, self.done, self.say = total, 0, say
         self.started = self.last = time.perf_counter()
 
     def step(self, where: str, t: float, r: float) -> None:
         now = time.perf_counter()
         self.done += 1
         left = (now - self.started) / self.done * (self.total - self.done)
-        print(f"  {where + ': ' if where else ''}step {self.done}/{self.total}: t = {t:7.2f} -> r = {r:7.2f}  "
-              f"{now - self.last:.2f} s  (elapsed {now - self.started:.1f} s, about {left:.1f} s left)", flush=True)
+        self.say(f"  {where + ': ' if where else ''}step {self.done}/{self.total}: t = {t:7.2f} -> r = {r:7.2f}  "
+                 f"{now - self.last:.2f} s  (elapsed {now - self.started:.1f} s, about {left:.1f} s left)")
         self.last = now
 
 

@@ -17,9 +17,12 @@ over chunks of frames. Both are described here as data; the blocks apply them:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import torch
+
+if TYPE_CHECKING:
+    from .sequence_parallel import TokenSplit
 
 Segment = Tuple[int, int]  # (frames, tokens per frame)
 Span = Tuple[int, int]  # [start, stop) in tokens
@@ -32,11 +35,14 @@ class TokenPlan:
 
     ``rope`` holds the rotations of the stream's tokens, (L, 1, head_dim/2, 2), as made by
     :func:`anyflow.rope.rope_rotations`; a query and a key at the same stream position share them.
+    With ``sequence`` the stream is one rank's tokens of a stream split over ranks
+    (:mod:`anyflow.sequence_parallel`), and self-attention exchanges heads for tokens.
     """
 
     segments: Tuple[Segment, ...]
     rope: torch.Tensor
     visible: Optional[Visibility] = None
+    sequence: Optional["TokenSplit"] = None  # the stream is this rank's part of one split over ranks
 
     @property
     def num_tokens(self) -> int:

@@ -26,6 +26,7 @@ from .linear import Linear
 from .parameters import DTYPE_NAMES, is_fp32_island
 from .patchify import PatchEmbed, unpatchify
 from .rope import rope_rotations
+from .sequence_parallel import gather_tokens, shard_stream
 from .timestep import DualTimestepEmbedding
 
 TimestepLike = Union[torch.Tensor, numbers.Real]
@@ -103,6 +104,7 @@ class AnyFlowBackbone(nn.Module):
         )
         self.head = OutputHead(d, config.out_channels, config.patch_size, config.eps)
         self.gradient_checkpointing = False
+        self.sequence_parallel_group = None  # set by anyflow.parallel.parallelize
 
     @property
     def dtype(self) -> torch.dtype:
@@ -143,6 +145,12 @@ class AnyFlowBackbone(nn.Module):
         from weights_convert import load_checkpoint  # reads every layout into (config, tensors under our names)
 
         config, state_dict = load_checkpoint(path, dtype=dtype, device=device)
+        cls.check_config(config, path)
+        return cls.from_state_dict(config, state_dict)
+
+    @classmethod
+    def check_config(cls, config: AnyFlowConfig, path: str) -> None:
+        """Refuse the checkpoint at ``path`` when its config is the other model's."""
         if type(config) is not cls.config_class:
             far = isinstance(config, AnyFlowFARConfig)
             raise ValueError(
@@ -150,7 +158,6 @@ class AnyFlowBackbone(nn.Module):
                 f"{'AnyFlowFARTransformer3DModel' if far else 'AnyFlowTransformer3DModel'}"
                 + ("" if far else " (or warm-start a FAR model from it: anyflow-convert SRC OUT --far)")
             )
-        return cls.from_state_dict(config, state_dict)
 
     @classmethod
     def from_state_dict(cls, config: AnyFlowConfig, state_dict: Mapping[str, torch.Tensor]) -> "AnyFlowBackbone":
@@ -179,7 +186,7 @@ class AnyFlowBackbone(nn.Module):
         """Embed text (B, S, text_dim) and image (B, S_img, image_dim) tokens and project every
         block's cross-attention keys and values, once."""
         context = self._embed_context(encoder_hidden_states, encoder_hidden_states_image)
-        kv = [block.cross_attn.context_kv(context) for block in self.blocks]
+        kv = [block.context_kv(context) for block in self.blocks]
         return PreparedContext(context.shape[0], kv, weakref.ref(self))
 
     def _embed_context(self, text: torch.Tensor, image: Optional[torch.Tensor]) -> torch.Tensor:
@@ -221,12 +228,12 @@ class AnyFlowBackbone(nn.Module):
         keys (rotated) and values of the stream. ``past``: each block's cached keys and values."""
         kept = []
         for i, block in enumerate(self.blocks):
-            context_kv = context.kv[i] if isinstance(context, PreparedContext) else block.cross_attn.context_kv(context)
+            block_context = context.kv[i] if isinstance(context, PreparedContext) else context
             block_past = None if past is None else past[i]
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, kv = checkpoint(block, x, context_kv, mod, plan, block_past, use_reentrant=False)
+                x, kv = checkpoint(block, x, block_context, mod, plan, block_past, use_reentrant=False)
             else:
-                x, kv = block(x, context_kv, mod, plan, block_past)
+                x, kv = block(x, block_context, mod, plan, block_past)
             if keep_kv:
                 kept.append(kv)
         return x, kept
@@ -359,8 +366,17 @@ class AnyFlowTransformer3DModel(AnyFlowBackbone):
 
         x = self.patch_embed(hidden_states.to(self.device, self.dtype))  # (B, L, D)
         rt, mod = self.time_embed(t, r, self.dtype)  # (B, F, D), (B, F, 6, D)
-        frames_of_tokens = ((grid[0], grid[1] * grid[2]),)  # one segment: every frame has h*w tokens
-        plan = TokenPlan(frames_of_tokens, rope_rotations(grid, self.config.attention_head_dim, x.device))
-        x, _ = self._run_blocks(x, context, mod, plan)
-        velocity = unpatchify(self.head(x, rt, frames_of_tokens), grid, self.config.patch_size)  # (B, F, C_out, H, W)
+        segments = ((grid[0], grid[1] * grid[2]),)  # one segment: every frame has h*w tokens
+        rope = rope_rotations(grid, self.config.attention_head_dim, x.device)  # (L, 1, d/2, 2)
+        split = None
+        if self.sequence_parallel_group is not None:  # this rank's tokens only (anyflow.parallel)
+            if torch.is_grad_enabled():
+                raise RuntimeError("sequence parallelism runs inference only: call the model under torch.no_grad() "
+                                   "or torch.inference_mode() (to train, shard the weights alone)")
+            x, segments, rope, (rt, mod), split = shard_stream(self.sequence_parallel_group, x, segments, rope, (rt, mod))
+        x, _ = self._run_blocks(x, context, mod, TokenPlan(segments, rope, sequence=split))
+        out = self.head(x, rt, segments)  # (B, L, ph*pw*C_out)
+        if split is not None:
+            out = gather_tokens(out, split)
+        velocity = unpatchify(out, grid, self.config.patch_size)  # (B, F, C_out, H, W)
         return Transformer3DOutput(velocity) if return_dict else (velocity,)

@@ -49,15 +49,24 @@ class TensorRecord:
 
     def read(self) -> "torch.Tensor":
         """Read the tensor into fresh memory (one copy, no mapping)."""
+        return self.read_rows(0, self.shape[0] if self.shape else 1)
+
+    def read_rows(self, start: int, stop: int) -> "torch.Tensor":
+        """Read rows ``start .. stop - 1`` of the tensor (along dim 0) into fresh memory, and nothing else."""
         import torch
 
-        tensor = torch.empty(self.shape, dtype=torch_dtype(self.dtype))
-        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if self.nbytes else memoryview(b"")
+        if not self.shape:  # a scalar: its one value
+            shape, offset, nbytes = (), self.offset, self.nbytes
+        else:
+            row = self.nbytes // self.shape[0] if self.shape[0] else 0
+            shape, offset, nbytes = (stop - start, *self.shape[1:]), self.offset + start * row, (stop - start) * row
+        tensor = torch.empty(shape, dtype=torch_dtype(self.dtype))
+        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
         with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            got = f.readinto(buffer) if self.nbytes else 0
-        if got != self.nbytes:
-            raise CheckpointError(f"{self.path}: truncated while reading {self.name!r} ({got} of {self.nbytes} bytes)")
+            f.seek(offset)
+            got = f.readinto(buffer) if nbytes else 0
+        if got != nbytes:
+            raise CheckpointError(f"{self.path}: truncated while reading {self.name!r} ({got} of {nbytes} bytes)")
         return tensor
 
 

@@ -64,6 +64,9 @@ class InMemoryTensor:
     def read(self) -> "torch.Tensor":
         return self.tensor
 
+    def read_rows(self, start: int, stop: int) -> "torch.Tensor":
+        return self.tensor[start:stop]
+
 
 LazyTensor = Union[TensorRecord, InMemoryTensor, ResampledPatchKernel]
 FAR_WEIGHT = f"{COMPRESSED}.weight"

@@ -50,6 +50,9 @@ class ResampledPatchKernel:
                                   align_corners=False)
         return resampled.reshape(d, c, *self.patch).to(torch_dtype(self.dtype))
 
+    def read_rows(self, start: int, stop: int) -> "torch.Tensor":
+        return self.read()[start:stop]
+
 
 def add_far_patch_embedding(tensors: Dict[str, object], compressed_patch_size: Tuple[int, int, int]) -> Dict[str, object]:
     """Our-named lazy tensors of a bidirectional model, plus the FAR model's compressed patch embedding."""

@@ -1,0 +1,155 @@
+"""A model over several processes with PyTorch's own engine: FSDP2 for the weights, Ulysses for the tokens.
+
+    torch.distributed.init_process_group()                      # torchrun sets the environment
+    mesh = init_device_mesh("cuda", (torch.distributed.get_world_size(),))
+    model = load_parallel(AnyFlowTransformer3DModel, path, mesh, dtype="bfloat16")  # each rank reads its shard
+    latents = sample(model, noise, text)                         # the same call as on one device
+
+- Weight sharding: ``fully_shard`` (FSDP2) per block, per module that runs once a forward (time
+  embedding, text projection, head), then the root; a unit's weights are all-gathered just before
+  it runs and freed after. The fp32 islands (modulation tables, source-time MLP, affine norms;
+  :data:`anyflow.parameters.FP32_ISLANDS`) stay whole on every rank: FSDP2 gathers a unit's
+  weights as one buffer of one dtype, and holding them in the half dtype would change the
+  numerics. They are small (about 110 MB in float32 for 14B), and their gradients are averaged
+  over the ranks by hooks, as FSDP averages the sharded ones.
+- Sequence parallelism (bidirectional model, inference): each rank holds about L/P tokens and
+  attention exchanges heads for tokens (:mod:`anyflow.sequence_parallel`). The attention heads
+  must divide evenly over the ranks.
+
+Both are optional and combine over one 1-D mesh. Every check that could fail on one rank only is
+agreed on by all, so a bad setup ends with the same error on every rank instead of a hang.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Type, Union
+
+import torch
+import torch.distributed as dist
+
+from .far import AnyFlowFARTransformer3DModel
+from .model import AnyFlowBackbone
+from .parameters import DTYPE_NAMES, is_fp32_island
+
+# methods besides forward that run blocks or root weights, so FSDP must gather weights for them
+FORWARD_METHODS = ("prepare_context", "step", "encode_cache")
+
+
+def parallelize(model: AnyFlowBackbone, mesh, *, shard_weights: bool = True, sequence_parallel: bool = True) -> AnyFlowBackbone:
+    """Make ``model`` (on every rank, possibly on the meta device) run over the 1-D device ``mesh``; in place."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    check_mesh(model, mesh)
+    ranks = mesh.size()
+    if sequence_parallel:
+        if isinstance(model, AnyFlowFARTransformer3DModel):
+            raise ValueError("sequence parallelism is for the bidirectional model; shard the FAR model's weights alone")
+        heads = model.config.num_attention_heads
+        if heads % ranks:
+            valid = [p for p in range(1, heads + 1) if heads % p == 0]
+            raise ValueError(f"sequence parallelism splits the {heads} attention heads evenly over the ranks; "
+                             f"{ranks} ranks do not divide them (use one of {valid})")
+        model.sequence_parallel_group = mesh.get_group()
+    if shard_weights:
+        islands = {p for name, p in model.named_parameters() if is_fp32_island(name)}
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh, ignored_params=islands & set(block.parameters()))
+            register_fsdp_forward_method(block, "context_kv")
+        for once in (model.time_embed, model.text_proj, model.head):  # run once a forward: gathered only then
+            fully_shard(once, mesh=mesh, ignored_params=islands & set(once.parameters()))
+        fully_shard(model, mesh=mesh, ignored_params=islands)
+        for method in FORWARD_METHODS:
+            if hasattr(model, method):
+                register_fsdp_forward_method(model, method)
+        if model.device.type != "meta":  # a meta model gets its parameters, and these hooks, in load_parallel
+            average_island_gradients(model, mesh)
+    return model
+
+
+def average_island_gradients(model: AnyFlowBackbone, mesh) -> None:
+    """Average the replicated fp32 islands' gradients over the ranks after backward, as FSDP averages the rest."""
+    group = mesh.get_group()
+    for name, param in model.named_parameters():
+        if is_fp32_island(name) and param.requires_grad:
+            param.register_post_accumulate_grad_hook(_averaged_over(group))
+
+
+def load_parallel(
+    model_class: Type[AnyFlowBackbone],
+    path: str,
+    mesh,
+    dtype: Optional[Union[str, torch.dtype]] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    *,
+    shard_weights: bool = True,
+    sequence_parallel: bool = True,
+) -> AnyFlowBackbone:
+    """Load a checkpoint straight into a parallel model: built on the meta device, made parallel,
+    then each rank reads from the files only the rows of its own shards (no rank holds the whole model).
+
+    ``dtype`` as in ``from_pretrained`` (None keeps the checkpoint's); ``device`` defaults to the
+    mesh's device type (this rank's CUDA device when it is CUDA).
+    """
+    from weights_convert.safetensors_io import torch_dtype
+    from weights_convert.sources import open_checkpoint
+
+    checkpoint = open_checkpoint(path)  # headers only; every tensor is read below, rows at a time
+    model_class.check_config(checkpoint.config, path)
+    if dtype is None:
+        dtype = torch_dtype(checkpoint.tensors["patch_embed.proj.weight"].dtype)
+    if isinstance(dtype, str) and dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be a torch dtype or one of {list(DTYPE_NAMES)}, got {dtype!r}")
+    with torch.device("meta"):
+        model = model_class(checkpoint.config).to_dtype(dtype)
+    parallelize(model, mesh, shard_weights=shard_weights, sequence_parallel=sequence_parallel)
+    if device is None:
+        device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else "cpu"
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param
+            lazy = checkpoint.tensors[name]
+            start, stop = _local_rows(lazy.shape[0] if lazy.shape else 1, param, mesh)
+            piece = lazy.read_rows(start, stop)
+            if tuple(piece.shape) != tuple(local.shape):
+                raise ValueError(f"{name}: this rank's shard is {tuple(local.shape)}, the checkpoint gives "
+                                 f"{tuple(piece.shape)} (an FSDP sharding this loader does not know)")
+            local.copy_(piece.to(local.dtype))
+    if shard_weights:
+        average_island_gradients(model, mesh)
+    return model.eval()
+
+
+def check_mesh(model: AnyFlowBackbone, mesh) -> None:
+    """A 1-D mesh, and the model on the mesh's device type (or meta) alike on every rank."""
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialised: run under torchrun and call init_process_group")
+    if mesh.ndim != 1:
+        raise ValueError(f"the mesh must be 1-D (one group for weights and tokens alike), got {mesh.ndim} dimensions")
+    mine = model.device.type
+    devices = [None] * mesh.size()
+    dist.all_gather_object(devices, mine, group=mesh.get_group())
+    expected = {mesh.device_type, "meta"}
+    if len(set(devices)) != 1 or devices[0] not in expected:
+        listing = ", ".join(f"rank {r} {d}" for r, d in enumerate(devices))
+        raise ValueError(f"the model must be on the mesh's device type ({mesh.device_type}) on every rank, alike; "
+                         f"got {listing}")
+
+
+def _local_rows(rows: int, param, mesh) -> Tuple[int, int]:
+    """The rows [start, stop) this rank holds of ``param``: FSDP2 shards dim 0 as ``torch.chunk`` does."""
+    if not hasattr(param, "to_local"):
+        return 0, rows
+    size = -(-rows // mesh.size())  # chunk size, rounded up
+    start = min(mesh.get_local_rank() * size, rows)
+    return start, min(start + size, rows)
+
+
+def _averaged_over(group):
+    size = dist.get_world_size(group)
+
+    def average(param: torch.Tensor) -> None:
+        dist.all_reduce(param.grad, group=group)  # a sum: AVG is not on every backend
+        param.grad.div_(size)
+
+    return average

@@ -1,0 +1,156 @@
+"""Cases run by tests/test_parallel.py on 2 processes (gloo, CPU): ``torchrun ... distributed_cases.py OUT CASE...``.
+
+Each case computes on every rank and writes ``OUT/CASE.rank{r}.json``: numbers the test compares
+with a single process, or the error the rank raised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from anyflow import (  # noqa: E402
+    AnyFlowFARConfig, AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel, load_parallel, parallelize, sample,
+    sample_far,
+)
+from conftest import SMALL, random_inputs, randomize_, small_config  # noqa: E402
+
+MODES = {"shard": (True, False), "sequence": (False, True), "both": (True, True)}
+
+
+def checkpoint(folder: str, model) -> str:
+    """The model saved once (by rank 0) for every rank to load."""
+    if dist.get_rank() == 0 and not os.path.isdir(folder):
+        model.save_pretrained(folder)
+    dist.barrier()
+    return folder
+
+
+def reference_model(config=None, seed=0):
+    torch.manual_seed(seed)
+    model = AnyFlowTransformer3DModel(config or small_config()).eval()
+    randomize_(model, seed)
+    return model
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def case_forward(work, mesh):
+    """Each mode, on an odd token count (3 x 3 x 5 = 45) and an even one, raw and prepared context."""
+    reference = reference_model()
+    path = checkpoint(os.path.join(work, "bidirectional"), reference)
+    errors = {}
+    for mode, (shard, sequence) in MODES.items():
+        model = load_parallel(AnyFlowTransformer3DModel, path, mesh, shard_weights=shard, sequence_parallel=sequence)
+        for height, width in [(6, 10), (8, 8)]:
+            latents, t, r, text, _ = random_inputs(reference.config, batch=2, frames=3, height=height, width=width)
+            with torch.no_grad():
+                expected = reference(latents, t, r, text).sample
+                raw = model(latents, t, r, text).sample
+                prepared = model(latents, t, r, model.prepare_context(text)).sample
+            errors[f"{mode} {height}x{width}"] = max(relative(raw, expected), relative(prepared, expected))
+    return errors
+
+
+def case_sample(work, mesh):
+    reference = reference_model(seed=1)
+    path = checkpoint(os.path.join(work, "bidirectional-sample"), reference)
+    model = load_parallel(AnyFlowTransformer3DModel, path, mesh)
+    gen = torch.Generator().manual_seed(2)
+    noise, text = torch.randn(1, 3, 4, 6, 6, generator=gen), torch.randn(1, 5, 24, generator=gen)
+    return {"error": relative(sample(model, noise, text, num_steps=2), sample(reference, noise, text, num_steps=2))}
+
+
+def case_gradients(work, mesh):
+    """FSDP2 as data parallelism: rank r takes sample r; the averaged gradients are one process's on both."""
+    reference = reference_model(seed=3).train()
+    path = checkpoint(os.path.join(work, "bidirectional-train"), reference)
+    latents, t, r, text, _ = random_inputs(reference.config, batch=2, frames=2, height=6, width=6, seed=3)
+    reference.enable_gradient_checkpointing()
+    reference(latents, t, r, text).sample.square().mean().backward()
+    model = load_parallel(AnyFlowTransformer3DModel, path, mesh, sequence_parallel=False).train()
+    model.enable_gradient_checkpointing()
+    rank = dist.get_rank()
+    mine = slice(rank, rank + 1)
+    model(latents[mine], t[mine], r[mine], text[mine]).sample.square().mean().backward()
+    errors = {}
+    for (name, param), (_, expected) in zip(model.named_parameters(), reference.named_parameters()):
+        grad = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
+        errors[name] = relative(grad, expected.grad)
+    return {"worst": max(errors.values()), "checked": len(errors), "bad": sorted(n for n, e in errors.items() if e > 1e-5)}
+
+
+def case_far(work, mesh):
+    config = AnyFlowFARConfig(**SMALL, chunk_partition=(1, 2, 2))
+    reference = AnyFlowFARTransformer3DModel(config).eval()
+    randomize_(reference, 4)
+    path = checkpoint(os.path.join(work, "far"), reference)
+    model = load_parallel(AnyFlowFARTransformer3DModel, path, mesh, sequence_parallel=False)
+    gen = torch.Generator().manual_seed(5)
+    noise, text = torch.randn(1, 5, 4, 8, 8, generator=gen), torch.randn(1, 5, 24, generator=gen)
+    latents, t, r, _, _ = random_inputs(config, batch=1, frames=5, height=8, width=8, seed=6)
+    with torch.no_grad():
+        rollout = relative(model(latents, t, r, text).sample, reference(latents, t, r, text).sample)
+    result = {"sample": relative(sample_far(model, noise, text, num_steps=2), sample_far(reference, noise, text, num_steps=2)),
+              "rollout": rollout}
+    try:
+        parallelize(AnyFlowFARTransformer3DModel(config), mesh, shard_weights=False)
+    except ValueError as exc:
+        result["far sequence"] = str(exc)
+    return result
+
+
+def case_bad_setups(work, mesh):
+    """Each bad setup must raise the same clear error on every rank, without a hang."""
+    errors = {}
+    try:  # 3 heads over 2 ranks
+        parallelize(AnyFlowTransformer3DModel(small_config(num_attention_heads=3)), mesh, shard_weights=False)
+    except ValueError as exc:
+        errors["heads"] = str(exc)
+    model = load_parallel(AnyFlowTransformer3DModel, checkpoint(os.path.join(work, "bidirectional-bad"),
+                                                                  reference_model()), mesh)
+    latents, t, r, text, _ = random_inputs(model.config, batch=1, frames=1, height=2, width=2)  # 1 token, 2 ranks
+    try:
+        with torch.no_grad():
+            model(latents, t, r, text)
+    except ValueError as exc:
+        errors["tokens"] = str(exc)
+    try:
+        with torch.enable_grad():
+            model(random_inputs(model.config)[0], 500, 250, text)
+    except RuntimeError as exc:
+        errors["training with sequence parallelism"] = str(exc)
+    device = "cpu" if dist.get_rank() == 0 else "meta"  # rank 1 holds its model elsewhere
+    with torch.device(device):
+        mixed = AnyFlowTransformer3DModel(small_config())
+    try:
+        parallelize(mixed, mesh)
+    except ValueError as exc:
+        errors["mixed devices"] = str(exc)
+    return errors
+
+
+def main() -> None:
+    out, cases = sys.argv[1], sys.argv[2:]
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    try:
+        for case in cases:
+            result = globals()[f"case_{case}"](out, mesh)
+            with open(os.path.join(out, f"{case}.rank{dist.get_rank()}.json"), "w") as f:
+                json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
