@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping
+from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from .names import PER_BLOCK, TOP_LEVEL, WAN_ORIGINAL_PER_BLOCK, WAN_ORIGINAL_TOP, invert
 
@@ -24,6 +24,34 @@ def _listing(keys: Iterable[str]) -> str:
     return shown + (f", ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else "")
 
 
+def _tables(direction: str):
+    if direction == "to_anyflow":
+        return TOP_LEVEL, PER_BLOCK
+    if direction == "to_diffusers":
+        return invert(TOP_LEVEL), invert(PER_BLOCK)
+    if direction == "wan_original_to_diffusers":
+        return WAN_ORIGINAL_TOP, WAN_ORIGINAL_PER_BLOCK
+    raise ValueError(f"direction must be 'to_anyflow', 'to_diffusers' or 'wan_original_to_diffusers', got {direction!r}")
+
+
+def _lookup(key: str, top, per_block) -> Optional[Tuple[str, str, Optional[int], str]]:
+    """(mapped name, row group, block index or None, name within the block or top level) of one key, or None."""
+    match = _BLOCK_KEY.fullmatch(key)
+    if match:
+        index, rest = int(match.group(1)), match.group(2)
+        group = next((g for g, names in per_block.items() if rest in names), None)
+        if group is not None:
+            return f"blocks.{index}.{per_block[group][rest]}", group, index, rest
+    group = next((g for g, names in top.items() if key in names), None)
+    return None if group is None else (top[group][key], group, None, key)
+
+
+def rename_key(key: str, direction: str = "to_anyflow") -> Optional[str]:
+    """One parameter name on the other side (see :func:`rename_keys`), or None where no row maps it."""
+    found = _lookup(key, *_tables(direction))
+    return None if found is None else found[0]
+
+
 def rename_keys(keys: Iterable[str], direction: str = "to_anyflow") -> Dict[str, str]:
     """Map every key to its name on the other side.
 
@@ -33,36 +61,21 @@ def rename_keys(keys: Iterable[str], direction: str = "to_anyflow") -> Dict[str,
     Raises :class:`KeyMismatchError` listing unmapped keys, missing required keys and groups
     that are only partly present (for example an image projection without its second norm).
     """
-    if direction == "to_anyflow":
-        top, per_block = TOP_LEVEL, PER_BLOCK
-    elif direction == "to_diffusers":
-        top, per_block = invert(TOP_LEVEL), invert(PER_BLOCK)
-    elif direction == "wan_original_to_diffusers":
-        top, per_block = WAN_ORIGINAL_TOP, WAN_ORIGINAL_PER_BLOCK
-    else:
-        raise ValueError(
-            f"direction must be 'to_anyflow', 'to_diffusers' or 'wan_original_to_diffusers', got {direction!r}"
-        )
-
+    top, per_block = _tables(direction)
     mapping: Dict[str, str] = {}
     unmapped: List[str] = []
     seen_top: Dict[str, set] = {group: set() for group in top}
     seen_blocks: Dict[int, Dict[str, set]] = {}
     for key in keys:
-        match = _BLOCK_KEY.fullmatch(key)
-        if match:
-            index, rest = int(match.group(1)), match.group(2)
-            group = next((g for g, names in per_block.items() if rest in names), None)
-            if group is not None:
-                mapping[key] = f"blocks.{index}.{per_block[group][rest]}"
-                seen_blocks.setdefault(index, {g: set() for g in per_block})[group].add(rest)
-                continue
-        group = next((g for g, names in top.items() if key in names), None)
-        if group is None:
+        found = _lookup(key, top, per_block)
+        if found is None:
             unmapped.append(key)
             continue
-        mapping[key] = top[group][key]
-        seen_top[group].add(key)
+        mapping[key], group, index, name = found
+        if index is None:
+            seen_top[group].add(name)
+        else:
+            seen_blocks.setdefault(index, {g: set() for g in per_block})[group].add(name)
 
     problems = []
     if unmapped:
