@@ -18,7 +18,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import List, Optional
 
@@ -59,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--model", required=True, metavar="PATH",
                         help="checkpoint: our layout, a Hub snapshot or its transformer/ folder, a .safetensors, "
                         "an authors' .pt, a Wan2.1 base (anything from_pretrained takes)")
+    sample.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="merge a LoRA adapter into the model when it is loaded, scaled by SCALE (default 1); "
+                        "repeatable. Formats: diffusers / PEFT, Wan2.1 original / ComfyUI (with .diff / .diff_b), "
+                        "musubi-tuner (.safetensors, or .pt loaded with weights_only)")
+    sample.add_argument("--lora-skip-unknown", action="store_true",
+                        help="leave out adapter modules this model does not have (for example the image "
+                        "cross-attention k_img / v_img of an image-to-video LoRA) instead of refusing the adapter")
     sample.add_argument("--prompt-embeds", required=True, metavar="FILE",
                         help=f"safetensors file with UMT5 embeddings (B, S, 4096) under '{PROMPT_KEY}'")
     sample.add_argument("--negative-embeds", metavar="FILE",
@@ -97,10 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace an existing output file (never one of the inputs)")
     sample.set_defaults(run=run_sample)
 
-    inspect = commands.add_parser("inspect", help="describe a checkpoint from its headers (no weights read)",
+    inspect = commands.add_parser("inspect", help="describe a checkpoint or a LoRA adapter from its headers",
                                   description="Describe a checkpoint from its headers: format, files, config "
-                                  "(and config keys set aside), parameters, dtypes. No weights are read.")
-    inspect.add_argument("path", metavar="PATH", help="checkpoint file or folder")
+                                  "(and config keys set aside), parameters, dtypes; or a LoRA adapter: format, "
+                                  "rank, alpha, which modules, for which model width and depth. No weights are read "
+                                  "(a .pt file is loaded whole, with weights_only).")
+    inspect.add_argument("path", metavar="PATH", help="checkpoint file or folder, or a LoRA adapter file")
     inspect.add_argument("--from", dest="from_format", choices=FORMATS,
                          help="read the checkpoint's names as this layout instead of detecting it")
     inspect.set_defaults(run=run_inspect)
@@ -122,10 +131,15 @@ def run_inspect(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from weights_convert.configs import describe_keys
+    from weights_convert.lora import AdapterFileError, describe, open_adapter
     from weights_convert.safetensors_io import DTYPES
     from weights_convert.sources import open_checkpoint
 
-    checkpoint = open_checkpoint(args.path, args.from_format)
+    try:
+        checkpoint = open_checkpoint(args.path, args.from_format)
+    except AdapterFileError:
+        print("\n".join(describe(open_adapter(args.path))))
+        return 0
     dtypes = Counter()
     for lazy in checkpoint.tensors.values():
         dtypes[DTYPES[lazy.dtype][1]] += lazy.nbytes
@@ -282,14 +296,20 @@ class SampleRun:
     negative: object = None
     given: object = None  # (B, K, C, H, W) given frames
     partition: Optional[tuple] = None  # FAR chunks
+    adapters: List[tuple] = field(default_factory=list)  # (LoRA file, scale), merged when loading
 
 
 def check_sample_run(args: argparse.Namespace, processes: "Processes") -> SampleRun:
     """Every check of ``anyflow sample`` that needs neither the model's weights nor the noise (see the module
     docstring), ending with the memory estimate, printed and enforced."""
+    from weights_convert.lora import parse_lora_argument
+
+    adapters = [parse_lora_argument(text) for text in args.lora]
+    if args.lora_skip_unknown and not adapters:
+        raise ValueError("--lora-skip-unknown: no --lora given")
     inputs = [("--prompt-embeds", args.prompt_embeds), ("--negative-embeds", args.negative_embeds),
               ("--context-latents", args.context_latents), ("--model", args.model)]
-    check_out(args.out, args.force, inputs)
+    check_out(args.out, args.force, inputs + [("--lora", path) for path, _ in adapters])
     frames, h, w = latent_shape(args.frames, args.height, args.width)
     if not (math.isfinite(args.shift) and args.shift > 0):
         raise ValueError(f"--shift must be a positive finite number, got {args.shift}")
@@ -300,6 +320,7 @@ def check_sample_run(args: argparse.Namespace, processes: "Processes") -> Sample
     from anyflow.memory import available_memory, estimate_far_sampling_memory, estimate_sampling_memory, gib
     from anyflow.sampling import flow_map_sigmas, steps_to_run
     from weights_convert.conversion import loaded_nbytes
+    from weights_convert.lora import apply_adapters
     from weights_convert.sources import open_checkpoint
 
     try:
@@ -312,6 +333,10 @@ def check_sample_run(args: argparse.Namespace, processes: "Processes") -> Sample
 
     checkpoint = open_checkpoint(args.model)  # headers only: config and sizes before loading anything
     check_out(args.out, args.force, [("--model", f) for f in checkpoint.files + [checkpoint.config_file]])
+    try:
+        apply_adapters(checkpoint.tensors, adapters, args.lora_skip_unknown)  # every adapter checked against the model
+    except ValueError as exc:
+        raise ValueError(f"--lora: {exc}") from None
     config = checkpoint.config
     far = isinstance(config, AnyFlowFARConfig)
     if far and args.sequence_parallel:
@@ -354,7 +379,7 @@ def check_sample_run(args: argparse.Namespace, processes: "Processes") -> Sample
         raise ValueError(f"--frames {args.frames} --height {args.height} --width {args.width}: the run needs about "
                          f"{gib(need)} but {where} has {gib(free)} available; use fewer frames or pixels")
     return SampleRun(config, far, schedule, steps_to_run(schedule), device, dtype, noise_shape, text, negative, given,
-                     partition)
+                     partition, adapters)
 
 
 class Processes:
@@ -452,15 +477,17 @@ def sample_in(processes: Processes, args: argparse.Namespace) -> int:
     with output if output is not None else contextlib.nullcontext():
         start = time.perf_counter()
         model_class = AnyFlowFARTransformer3DModel if run.far else AnyFlowTransformer3DModel
+        lora = dict(lora=run.adapters, lora_skip_unknown=args.lora_skip_unknown)
         if processes.mesh is None:
-            model = model_class.from_pretrained(args.model, dtype=run.dtype, device=run.device)
+            model = model_class.from_pretrained(args.model, dtype=run.dtype, device=run.device, **lora)
         else:
             model = load_parallel(model_class, args.model, processes.mesh, run.dtype, run.device,
-                                  shard_weights=args.shard_weights, sequence_parallel=args.sequence_parallel)
+                                  shard_weights=args.shard_weights, sequence_parallel=args.sequence_parallel, **lora)
+        merged = "".join(f", LoRA {path} x {scale:g} merged" for path, scale in run.adapters)
         processes.say(f"loaded {args.model} ({count(sum(p.numel() for p in model.parameters()))} parameters, "
                       f"{run.dtype}, {run.device}"
                       + (f", {processes.count} processes" if processes.count > 1 else "")
-                      + f") in {time.perf_counter() - start:.1f} s")
+                      + f"{merged}) in {time.perf_counter() - start:.1f} s")
         noise = torch.randn(run.noise_shape, generator=torch.Generator().manual_seed(args.seed))
         common = dict(num_steps=args.steps, sigmas=args.sigmas, shift=args.shift, use_mean_velocity=not args.raw_euler,
                       context_latents=run.given)

@@ -133,20 +133,60 @@ class AnyFlowBackbone(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str, dtype: Optional[Union[str, torch.dtype]] = None, device: Union[str, torch.device] = "cpu"
+        cls,
+        path: str,
+        dtype: Optional[Union[str, torch.dtype]] = None,
+        device: Union[str, torch.device] = "cpu",
+        *,
+        lora: Optional[Sequence[Union[str, Tuple[str, float]]]] = None,
+        lora_skip_unknown: bool = False,
     ) -> "AnyFlowBackbone":
         """Load any checkpoint :mod:`weights_convert` reads: our layout, a Hub snapshot (or its
-        ``transformer`` folder), a single safetensors file, an authors' ``.pt``, a Wan2.1 base (warm start).
+        ``transformer`` folder), a single safetensors file, an authors' ``.pt`` (a PEFT-wrapped one
+        with its LoRA merged in), a Wan2.1 base (warm start).
 
         ``dtype`` (a torch dtype or "float32", "bfloat16", "float16"; None keeps the checkpoint's)
         keeps the fp32 islands in float32 in half precision. Names are mapped on the fly, no
         temporary files; safetensors are mapped, not copied, where no cast is needed.
+
+        ``lora``: LoRA adapter files, or (file, scale) pairs, merged into the weights as they are
+        read (see :meth:`merge_lora`); ``lora_skip_unknown`` leaves out adapter modules this model
+        does not have instead of refusing the adapter.
         """
         from weights_convert import load_checkpoint  # reads every layout into (config, tensors under our names)
 
-        config, state_dict = load_checkpoint(path, dtype=dtype, device=device)
+        config, state_dict = load_checkpoint(path, dtype=dtype, device=device, lora=lora,
+                                             lora_skip_unknown=lora_skip_unknown)
         cls.check_config(config, path)
         return cls.from_state_dict(config, state_dict)
+
+    @torch.no_grad()
+    def merge_lora(self, path: str, scale: float = 1.0, skip_unknown: bool = False) -> "AnyFlowBackbone":
+        """Merge the LoRA adapter at ``path`` into the weights, in place; returns self.
+
+        Formats (recognised from the keys): diffusers / PEFT, Wan2.1 original / ComfyUI (with
+        ``.diff`` and ``.diff_b`` deltas), musubi-tuner; see :mod:`weights_convert.lora`. Each
+        changed weight becomes ``W + scale * (alpha / rank) * B @ A``, computed in float32 and
+        rounded once to its dtype; one parameter at a time, no copy of the model. The whole
+        adapter (names, shapes, values) is checked first: on any error the model is untouched.
+        ``skip_unknown`` leaves out adapter modules this model does not have (for example the image
+        cross-attention of a Wan2.1 image-to-video LoRA) instead of refusing the adapter.
+        """
+        from weights_convert.lora import normalize_lora, open_adapter
+
+        [(path, scale)] = normalize_lora([(path, scale)])
+        parameters = dict(self.named_parameters())
+        if any(hasattr(p, "to_local") for p in parameters.values()):
+            raise RuntimeError("merge_lora on a parallel (FSDP) model: pass lora= to anyflow.parallel.load_parallel, "
+                               "or merge before parallelize")
+        shapes = {name: tuple(p.shape) for name, p in parameters.items()}
+        adapter = open_adapter(path)
+        adapter.check(shapes, skip_unknown)
+        for name, delta, part in adapter.targets(shapes):
+            param = parameters[name]
+            change = delta.change(part, shapes[name], scale).to(param.device)  # float32
+            param.copy_(change.add_(param))  # the sum made in float32, rounded once
+        return self
 
     @classmethod
     def check_config(cls, config: AnyFlowConfig, path: str) -> None:

@@ -22,7 +22,7 @@ agreed on by all, so a bad setup ends with the same error on every rank instead 
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Type, Union
+from typing import Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.distributed as dist
@@ -83,17 +83,22 @@ def load_parallel(
     *,
     shard_weights: bool = True,
     sequence_parallel: bool = True,
+    lora: Optional[Sequence[Union[str, Tuple[str, float]]]] = None,
+    lora_skip_unknown: bool = False,
 ) -> AnyFlowBackbone:
     """Load a checkpoint straight into a parallel model: built on the meta device, made parallel,
     then each rank reads from the files only the rows of its own shards (no rank holds the whole model).
 
     ``dtype`` as in ``from_pretrained`` (None keeps the checkpoint's); ``device`` defaults to the
-    mesh's device type (this rank's CUDA device when it is CUDA).
+    mesh's device type (this rank's CUDA device when it is CUDA). ``lora`` merges LoRA adapters
+    as in ``from_pretrained``, each rank computing the changes of its own rows only.
     """
+    from weights_convert.lora import apply_adapters
     from weights_convert.safetensors_io import torch_dtype
     from weights_convert.sources import open_checkpoint
 
     checkpoint = open_checkpoint(path)  # headers only; every tensor is read below, rows at a time
+    checkpoint.tensors = apply_adapters(checkpoint.tensors, lora, lora_skip_unknown)
     model_class.check_config(checkpoint.config, path)
     if dtype is None:
         dtype = torch_dtype(checkpoint.tensors["patch_embed.proj.weight"].dtype)

@@ -44,8 +44,9 @@ def pytest_collection_modifyitems(items):
     REFERENCE_TESTS.update(item.nodeid for item in items if item.get_closest_marker("reference"))
 
 
-def require_oracle(name: str = "AnyFlowTransformer3DModel"):
-    """A class of the diffusers oracle. Skips locally without diffusers; fails in CI (CI=true).
+def require_oracle(name: str = "AnyFlowTransformer3DModel", package: str = "diffusers"):
+    """A class of the oracle (diffusers, or peft for the LoRA tests). Skips locally without it;
+    fails in CI (CI=true).
 
     Only tests marked ``reference`` may use it (see the module docstring).
     """
@@ -53,11 +54,11 @@ def require_oracle(name: str = "AnyFlowTransformer3DModel"):
     if current and current not in REFERENCE_TESTS:
         pytest.fail(f"{current} uses the oracle but is not marked 'reference' (CI reruns those without SIMD kernels)")
     try:
-        return getattr(importlib.import_module("diffusers"), name)
+        return getattr(importlib.import_module(package), name)
     except ImportError as exc:
         if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"the parity oracle diffusers==0.42.1 must be installed in CI: {exc}")
-        pytest.skip("diffusers (the parity oracle) is not installed; pip install -e '.[test]'")
+            pytest.fail(f"the parity oracle {package} (pinned in setup.cfg's test extra) must be installed in CI: {exc}")
+        pytest.skip(f"{package} (a parity oracle) is not installed; pip install -e '.[test]'")
 
 
 @pytest.fixture

@@ -109,6 +109,31 @@ def case_far(work, mesh):
     return result
 
 
+def case_lora(work, mesh):
+    """Sharded weights with a LoRA merged as each rank reads its own rows, against one process."""
+    from safetensors.torch import save_file
+
+    reference = reference_model(seed=3)
+    path = checkpoint(os.path.join(work, "bidirectional-lora"), reference)
+    adapter = os.path.join(work, "adapter.safetensors")
+    if dist.get_rank() == 0:
+        gen = torch.Generator().manual_seed(4)
+        layers = {}
+        for module, (fan_out, fan_in) in {"blocks.0.attn1.to_q": (32, 32), "blocks.1.ffn.net.0.proj": (48, 32),
+                                          "condition_embedder.time_embedder.linear_1": (32, 32)}.items():
+            layers[f"transformer.{module}.lora_A.weight"] = torch.randn(4, fan_in, generator=gen)
+            layers[f"transformer.{module}.lora_B.weight"] = torch.randn(fan_out, 4, generator=gen)
+            layers[f"transformer.{module}.lora_B.bias"] = torch.randn(fan_out, generator=gen)
+        save_file(layers, adapter)
+    dist.barrier()
+    expected_model = AnyFlowTransformer3DModel.from_pretrained(path, lora=[(adapter, 0.6)])
+    model = load_parallel(AnyFlowTransformer3DModel, path, mesh, lora=[(adapter, 0.6)], sequence_parallel=False)
+    latents, t, r, text, _ = random_inputs(reference.config, batch=1, frames=3, height=6, width=6)
+    with torch.no_grad():
+        expected, plain = expected_model(latents, t, r, text).sample, reference(latents, t, r, text).sample
+        return {"error": relative(model(latents, t, r, text).sample, expected), "effect": relative(plain, expected)}
+
+
 def case_bad_setups(work, mesh):
     """Each bad setup must raise the same clear error on every rank, without a hang."""
     errors = {}

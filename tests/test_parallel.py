@@ -33,7 +33,7 @@ def torchrun(args, cwd=ROOT):
 def results(tmp_path_factory):
     """Every case on 2 ranks in one launch: {case: [rank 0 result, rank 1 result]}."""
     out = tmp_path_factory.mktemp("distributed")
-    cases = ["forward", "sample", "gradients", "far", "bad_setups"]
+    cases = ["forward", "sample", "gradients", "far", "lora", "bad_setups"]
     run = torchrun([os.path.join(HERE, "distributed_cases.py"), str(out), *cases])
     assert run.returncode == 0, run.stderr[-4000:]
     return {case: [json.loads((out / f"{case}.rank{r}.json").read_text()) for r in range(2)] for case in cases}
@@ -50,6 +50,11 @@ def test_sample_and_far_sharded_equal_one_process(results):
     for rank in results["far"]:
         assert rank["sample"] <= FP32_BAR and rank["rollout"] <= FP32_BAR
         assert "sequence parallelism is for the bidirectional model" in rank["far sequence"]
+
+
+def test_lora_merged_into_sharded_weights_equals_one_process(results):
+    for rank in results["lora"]:
+        assert rank["effect"] > 1e-2 and rank["error"] <= FP32_BAR, rank
 
 
 def test_gradients_under_fsdp2_equal_one_process(results):

@@ -7,19 +7,19 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WITHOUT_DIFFUSERS = (
+WITHOUT = (
     "import sys\n"
-    "sys.modules['diffusers'] = None  # import diffusers raises ImportError, as when it is not installed\n"
+    "sys.modules[sys.argv.pop(1)] = None  # importing it raises ImportError, as when it is not installed\n"
     "import pytest\n"
     "sys.exit(pytest.main(sys.argv[1:]))\n"
 )
 
 
-def run_reference_tests_without_diffusers(ci: bool, *extra: str) -> subprocess.CompletedProcess:
+def run_reference_tests_without_diffusers(ci: bool, *extra: str, package: str = "diffusers") -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     if ci:
         env["CI"] = "true"
-    return subprocess.run([sys.executable, "-c", WITHOUT_DIFFUSERS, "-q", "-m", "reference", "-p", "no:cacheprovider",
+    return subprocess.run([sys.executable, "-c", WITHOUT, package, "-q", "-m", "reference", "-p", "no:cacheprovider",
                            *extra, "tests"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -32,4 +32,11 @@ def test_without_diffusers_the_reference_tests_skip_locally():
 
 def test_without_diffusers_ci_fails_instead_of_skipping():
     run = run_reference_tests_without_diffusers(True, "-x", "tests/test_parity.py")
-    assert run.returncode == 1 and "the parity oracle diffusers==0.42.1 must be installed in CI" in run.stdout
+    assert run.returncode == 1 and "the parity oracle diffusers (pinned in setup.cfg's test extra) must be installed in CI" \
+        in run.stdout
+
+
+def test_without_peft_ci_fails_the_lora_parity_tests():
+    run = run_reference_tests_without_diffusers(True, "-x", "tests/test_lora.py", package="peft")
+    assert run.returncode == 1 and "the parity oracle peft (pinned in setup.cfg's test extra) must be installed in CI" \
+        in run.stdout

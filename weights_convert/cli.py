@@ -30,16 +30,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--far", action="store_true",
                         help="warm-start an AnyFlow FAR model from a bidirectional AnyFlow or Wan2.1 SRC: the compressed "
                         "patch embedding resampled from the full one (FAR settings as released unless --config gives them)")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="bake a LoRA adapter into the output, scaled by SCALE (default 1); repeatable. Formats: "
+                        "diffusers / PEFT, Wan2.1 original / ComfyUI (with .diff / .diff_b), musubi-tuner")
+    parser.add_argument("--lora-skip-unknown", action="store_true",
+                        help="leave out adapter modules the model does not have (for example the image "
+                        "cross-attention k_img / v_img of an image-to-video LoRA) instead of refusing the adapter")
     parser.add_argument("--force", action="store_true", help="replace OUT (only after the new one is complete)")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.lora_skip_unknown and not args.lora:
+        parser.error("--lora-skip-unknown: no --lora given")
     from anyflow.interrupts import Interrupted, signals_raise_interrupted
 
     from .configs import describe_keys
     from .conversion import convert
+    from .lora import parse_lora_argument
     from .writer import OutputExistsError
 
     start = time.perf_counter()
@@ -47,7 +57,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         with signals_raise_interrupted():
             report = convert(args.src, args.out, from_format=args.from_format, to=args.to, dtype=args.dtype,
                              max_shard_size=args.max_shard_size, config_path=args.config_path, force=args.force,
-                             progress=sys.stderr, far=args.far)
+                             progress=sys.stderr, far=args.far, lora=[parse_lora_argument(a) for a in args.lora],
+                             lora_skip_unknown=args.lora_skip_unknown)
     except OutputExistsError as exc:
         print(f"anyflow-convert: error: {exc.out}: already exists; pass --force to replace it (it is replaced only "
               "after success)", file=sys.stderr)
@@ -63,6 +74,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     source = report.source
     print(f"detected: {source.description}")
     print(f"config: {source.config.to_dict()}")
+    for path, scale in map(parse_lora_argument, args.lora):
+        print(f"merged LoRA: {path} x {scale:g}")
     if source.config_set_aside:
         print(f"config keys set aside (they do not change this model): {describe_keys(source.config_set_aside)}")
     print(f"wrote {args.to} layout to {report.out}: {', '.join(report.files)} "

@@ -18,6 +18,7 @@ from anyflow.config import AnyFlowConfig, AnyFlowFARConfig
 from anyflow.parameters import parameter_shapes
 
 from .configs import ConfigReading, read_config
+from .lora import AdapterFileError, MergedTensor, fold_wrapped_checkpoint, looks_like_adapter, looks_like_wrapped_checkpoint
 from .names import FORMATS, WAN_WARM_START_COPIES
 from .pt_files import PT_SUFFIXES, InMemoryTensor, load_pt
 from .safetensors_io import (
@@ -35,7 +36,7 @@ FORMAT_DESCRIPTIONS = {
 WAN_PREFIX = "model.diffusion_model."
 
 
-LazyTensor = Union[TensorRecord, InMemoryTensor, ResampledPatchKernel]
+LazyTensor = Union[TensorRecord, InMemoryTensor, ResampledPatchKernel, MergedTensor]
 FAR_WEIGHT = f"{COMPRESSED}.weight"
 
 
@@ -53,6 +54,7 @@ class Checkpoint:
     config_set_aside: Dict[str, object] = field(default_factory=dict)  # config.json keys that change nothing here
     config_file: Optional[str] = None  # the config.json read, if any (else the config was inferred from shapes)
     far_warm_start: bool = False  # a FAR model made from a bidirectional source
+    folded_lora: int = 0  # modules whose LoRA factors were folded in (a PEFT-wrapped training checkpoint)
 
     @property
     def description(self) -> str:
@@ -61,6 +63,8 @@ class Checkpoint:
             what += "; FAR warm start: compressed patch embedding resampled from the full one"
         elif isinstance(self.config, AnyFlowFARConfig):
             what += ", FAR (frame-autoregressive) model"
+        if self.folded_lora:
+            what += f"; PEFT-wrapped training checkpoint: the LoRA of {self.folded_lora} modules merged in (alpha = rank)"
         return f"{what} ({self.container}, {len(self.files)} file(s))"
 
     @property
@@ -229,9 +233,16 @@ def open_checkpoint(path: str, fmt: Optional[str] = None, config_path: Optional[
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     container, files, found_config = locate(path)
-    raw = read_tensors(container, files)
+    stored = read_tensors(container, files)
+    raw = stored
     if raw and all(k.startswith(WAN_PREFIX) for k in raw):
         raw = {k[len(WAN_PREFIX):]: v for k, v in raw.items()}
+    folded = 0
+    if looks_like_wrapped_checkpoint(list(raw)):
+        raw, folded = fold_wrapped_checkpoint(raw, files[0])
+    elif looks_like_adapter(list(raw)):
+        raise AdapterFileError(f"{files[0]}: a LoRA adapter, not a model: load a base checkpoint and pass this file "
+                              "with --lora (lora=[...] in Python)")
     detected = detect_format(list(raw), files[0])
     fmt = fmt or detected
     try:
@@ -267,9 +278,9 @@ def open_checkpoint(path: str, fmt: Optional[str] = None, config_path: Optional[
     check_shapes(config, tensors, source_names)
     ordered = {k: tensors[k] for k in sorted(tensors, key=_natural_key)}
     if container == "sharded safetensors":
-        files = files + sorted({t.path for t in raw.values()})
+        files = files + sorted({t.path for t in stored.values()})
     return Checkpoint(os.path.abspath(path), fmt, container, files, config, ordered, source_names,
-                      reading.set_aside, config_file, far)
+                      reading.set_aside, config_file, far, folded)
 
 
 def _natural_key(name: str):
