@@ -52,12 +52,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .lora import parse_lora_argument
     from .writer import OutputExistsError
 
+    adapters = [parse_lora_argument(text) for text in args.lora]
     start = time.perf_counter()
     try:
         with signals_raise_interrupted():
             report = convert(args.src, args.out, from_format=args.from_format, to=args.to, dtype=args.dtype,
                              max_shard_size=args.max_shard_size, config_path=args.config_path, force=args.force,
-                             progress=sys.stderr, far=args.far, lora=[parse_lora_argument(a) for a in args.lora],
+                             progress=sys.stderr, far=args.far, lora=adapters,
                              lora_skip_unknown=args.lora_skip_unknown)
     except OutputExistsError as exc:
         print(f"anyflow-convert: error: {exc.out}: already exists; pass --force to replace it (it is replaced only "
@@ -74,7 +75,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     source = report.source
     print(f"detected: {source.description}")
     print(f"config: {source.config.to_dict()}")
-    for path, scale in map(parse_lora_argument, args.lora):
+    for path, scale in adapters:
         print(f"merged LoRA: {path} x {scale:g}")
     if source.config_set_aside:
         print(f"config keys set aside (they do not change this model): {describe_keys(source.config_set_aside)}")
