@@ -23,26 +23,10 @@ import subprocess
 import sys
 import time
 
+from benchlib import probe
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRESET_1_3B = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30)
-
-# Each probe prints one JSON line: its wall time and its own peak RSS (VmHWM: unlike ru_maxrss,
-# it is not inherited from the parent across fork and exec).
-PROBE_TAIL = (
-    "import json, time\n"
-    "hwm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
-    "print(json.dumps({'seconds': time.perf_counter() - T0, 'rss_mb': hwm / 1024, 'inner': globals().get('INNER')}))\n"
-)
-
-
-def probe(body: str) -> dict:
-    code = "import time\nT0 = time.perf_counter()\n" + body + "\n" + PROBE_TAIL
-    start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
-                         cwd=os.path.dirname(HERE)).stdout
-    result = json.loads(out.strip().splitlines()[-1])
-    result["wall"] = time.perf_counter() - start  # includes interpreter start-up
-    return result
 
 
 def folder_bytes(path: str) -> int:

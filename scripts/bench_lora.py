@@ -19,31 +19,15 @@ and the ratios ours / diffusers. Needs the test extra (diffusers, peft) for the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-PRESET_1_3B = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30)
+from benchlib import probe
+
+PRESET_1_3B = "anyflow-wan2.1-t2v-1.3b"
 WAN_MODULES = [f"{attn}.{p}" for attn in ("self_attn", "cross_attn") for p in "qkvo"] + ["ffn.0", "ffn.2"]
-
-PROBE_TAIL = (
-    "import json, time\n"
-    "hwm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
-    "print(json.dumps({'seconds': time.perf_counter() - T0, 'rss_mb': hwm / 1024}))\n"
-)
-
-
-def probe(body: str) -> dict:
-    """Run ``body`` in a fresh interpreter: its wall time (after start-up) and its peak RSS."""
-    code = "import time\nT0 = time.perf_counter()\n" + body + "\n" + PROBE_TAIL
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def ensure_inputs(workdir: str, rank: int) -> tuple:
@@ -51,13 +35,14 @@ def ensure_inputs(workdir: str, rank: int) -> tuple:
     import torch
     from safetensors.torch import save_file
 
+    from anyflow import AnyFlowConfig, AnyFlowTransformer3DModel
+
+    config = AnyFlowConfig.from_preset(PRESET_1_3B)
     ours = os.path.join(workdir, "lora-base-1.3b-bf16")
     if not os.path.isdir(ours):
-        from anyflow import AnyFlowConfig, AnyFlowTransformer3DModel
-
         print("creating the 1.3B-shaped checkpoint (once) ...", flush=True)
         torch.manual_seed(0)
-        model = AnyFlowTransformer3DModel(AnyFlowConfig(**PRESET_1_3B)).to_dtype("bfloat16")  # as released
+        model = AnyFlowTransformer3DModel(config).to_dtype("bfloat16")  # as released
         model.save_pretrained(ours)
         del model
     theirs = os.path.join(workdir, "lora-base-1.3b-bf16-diffusers")
@@ -73,7 +58,7 @@ def ensure_inputs(workdir: str, rank: int) -> tuple:
         shapes = {k: v.shape for k, v in open_checkpoint(ours).tensors.items()}
         gen = torch.Generator().manual_seed(1)
         tensors = {}
-        for block in range(PRESET_1_3B["num_layers"]):
+        for block in range(config.num_layers):
             for module in WAN_MODULES:
                 wan = f"blocks.{block}.{module}"
                 fan_out, fan_in = shapes[rename_key(rename_key(f"{wan}.weight", "wan_original_to_diffusers"))]

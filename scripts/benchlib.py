@@ -1,4 +1,4 @@
-"""What the side-by-side benchmarks share: random oracle weights written once, and fresh-process workers."""
+"""What the side-by-side benchmarks share: random oracle weights written once, and fresh-process workers and probes."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,3 +31,24 @@ def run_worker(code: str, job: dict) -> dict:
     if done.returncode:
         raise RuntimeError(f"{job} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# Each probe prints one JSON line: its wall time and its own peak RSS (VmHWM: unlike ru_maxrss,
+# it is not inherited from the parent across fork and exec).
+PROBE_TAIL = (
+    "import json, time\n"
+    "hwm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+    "print(json.dumps({'seconds': time.perf_counter() - T0, 'rss_mb': hwm / 1024, 'inner': globals().get('INNER')}))\n"
+)
+
+
+def probe(body: str) -> dict:
+    """Run ``body`` in a fresh interpreter: ``seconds`` (after start-up), ``wall`` (with it), ``rss_mb``
+    (its peak RSS) and ``inner`` (what ``body`` left in ``INNER``, if anything)."""
+    code = "import time\nT0 = time.perf_counter()\n" + body + "\n" + PROBE_TAIL
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT, env=env).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    result["wall"] = time.perf_counter() - start  # includes interpreter start-up
+    return result
