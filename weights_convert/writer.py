@@ -1,6 +1,6 @@
 """Writing a checkpoint safely: streamed tensor by tensor, read back and checked, then moved into place.
 
-The output is built in a hidden ``.NAME.partial-PID`` folder beside OUT. Only when every file
+The output is built in a hidden ``.NAME.partial-HOST-PID`` folder beside OUT (:mod:`.partials`). Only when every file
 has been written, re-read and matched tensor by tensor (CRC-32 of each tensor's bytes) is it
 renamed to OUT. An existing OUT is replaced only with ``force=True``, and only after success.
 A killed run leaves no OUT and its partial folder is removed by the next run.
@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, TextIO, TypeVar
 
+from .partials import discard, partial_path, remove_stale
 from .safetensors_io import CheckpointError, TensorRecord, header_bytes, itemsize, read_header, tensor_bytes, torch_dtype
 
 if TYPE_CHECKING:
@@ -125,7 +126,9 @@ def _within(path: str, folder: str) -> bool:
 
 
 def check_destination(out: str, force: bool, sources: Sequence[str] = ()) -> None:
-    """Refuse an existing OUT without ``force``, any source equal to or inside OUT, and OUT inside a source folder."""
+    """Refuse an existing OUT without ``force``, any source equal to or inside OUT, OUT inside a source folder,
+    and OUT in a folder that does not exist (it is never created: a mistyped path fails, as ``anyflow sample
+    --out`` does)."""
     real_out = os.path.realpath(out)
     for source in sources:
         real_src = os.path.realpath(source)
@@ -133,29 +136,14 @@ def check_destination(out: str, force: bool, sources: Sequence[str] = ()) -> Non
             raise CheckpointError(f"{source}: the source is {'OUT itself' if real_src == real_out else 'inside OUT'} ({out}); refused")
         if os.path.isdir(real_src) and _within(real_out, real_src):
             raise CheckpointError(f"{out}: OUT is inside the source folder {source}, which is never modified; refused")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise CheckpointError(f"{out}: OUT's folder {parent} {'is not a folder' if os.path.exists(parent) else 'does not exist'}; "
+                              "create it first")
     if os.path.lexists(out) and not force:
         raise OutputExistsError(out)
     if os.path.lexists(out) and not os.path.isdir(out):
         raise CheckpointError(f"{out}: exists and is not a folder; refused")
-
-
-def _remove_stale_partials(parent: str, name: str) -> None:
-    prefix = f".{name}.partial-"
-    for entry in os.listdir(parent):
-        if entry.startswith(prefix):
-            pid = entry[len(prefix):]
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def write_checkpoint(
@@ -174,18 +162,14 @@ def write_checkpoint(
     """
     check_destination(out, force, sources)
     out = os.path.abspath(out)
-    parent, name = os.path.dirname(out), os.path.basename(out)
-    os.makedirs(parent, exist_ok=True)
-    _remove_stale_partials(parent, name)
-    partial = os.path.join(parent, f".{name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
+    remove_stale(out)
+    partial = partial_path(out)
     os.makedirs(partial)
     try:
         files = _write_all(partial, tensors, config, stem, max_shard_bytes, progress)
         _move_into_place(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    finally:
+        discard(partial)  # gone once moved into place; removed on any error
     return files
 
 
