@@ -1,6 +1,9 @@
 """Make the tiny AnyFlow checkpoints that ship in ``anyflow/assets`` (run once; needs the test extra).
 
-    python scripts/make_tiny_checkpoint.py [--only tiny|tiny_far] [--force]
+    python scripts/make_tiny_checkpoint.py [--only tiny|tiny_far] [--out DIR] [--force]
+
+They are written as ``DIR/tiny`` and ``DIR/tiny_far`` (DIR: ``anyflow/assets`` unless ``--out``
+says otherwise; it must exist). An existing one is refused unless ``--force`` replaces it.
 
 ``tiny``: a random AnyFlow transformer with the real latent and text widths (16 channels, UMT5
 width 4096) but a tiny body, saved by the oracle's ``save_pretrained`` in the Hub diffusers
@@ -26,8 +29,6 @@ import shutil
 import torch
 
 ASSETS_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "anyflow", "assets")
-ASSETS = os.path.join(ASSETS_ROOT, "tiny")
-FAR_ASSETS = os.path.join(ASSETS_ROOT, "tiny_far")
 FAR_SETTINGS = dict(compressed_patch_size=[1, 4, 4], full_chunk_limit=3, chunk_partition=[1, 2, 2, 2])
 CONFIG = dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16,
               text_dim=4096, freq_dim=256, ffn_dim=128, num_layers=2, cross_attn_norm=True, eps=1e-6,
@@ -64,7 +65,7 @@ def save_with_golden(folder: str, model, pipeline_class: str, golden: dict) -> N
     print(f"wrote {folder} ({total / 1e6:.2f} MB)")
 
 
-def make_bidirectional() -> None:
+def make_bidirectional(folder: str) -> None:
     from diffusers import AnyFlowPipeline, AnyFlowTransformer3DModel, FlowMapEulerDiscreteScheduler
 
     gen = torch.Generator().manual_seed(SEED)
@@ -86,10 +87,10 @@ def make_bidirectional() -> None:
             out = pipe(prompt_embeds=text, latents=noise.transpose(1, 2), num_inference_steps=steps,
                        output_type="latent", height=64, width=64, num_frames=9).frames
         golden[f"sample_{steps}_steps"] = out.transpose(1, 2).contiguous()  # (B, F, C, H, W)
-    save_with_golden(ASSETS, model, "AnyFlowPipeline", golden)
+    save_with_golden(folder, model, "AnyFlowPipeline", golden)
 
 
-def make_far() -> None:
+def make_far(folder: str) -> None:
     from diffusers import AnyFlowFARPipeline, AnyFlowFARTransformer3DModel, FlowMapEulerDiscreteScheduler
 
     gen = torch.Generator().manual_seed(SEED + 1)
@@ -116,22 +117,27 @@ def make_far() -> None:
                        output_type="latent", height=128, width=256, num_frames=25,
                        **({} if given is None else {"video_latents": given})).frames
         golden[name] = out.transpose(1, 2).contiguous()  # (B, F, C, H, W)
-    save_with_golden(FAR_ASSETS, model, "AnyFlowFARPipeline", golden)
+    save_with_golden(folder, model, "AnyFlowFARPipeline", golden)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="make_tiny_checkpoint.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=("tiny", "tiny_far"), help="make one of the two (default: both)")
+    parser.add_argument("--out", default=ASSETS_ROOT, metavar="DIR",
+                        help="an existing folder to write tiny/ and tiny_far/ into (default: the package's assets)")
     parser.add_argument("--force", action="store_true", help="replace existing checkpoints")
-    args = parser.parse_args()
-    makers = {"tiny": (ASSETS, make_bidirectional), "tiny_far": (FAR_ASSETS, make_far)}
-    for name, (folder, make) in makers.items():
-        if args.only not in (None, name):
-            continue
-        if os.path.exists(folder) and not args.force:
-            raise SystemExit(f"{folder} exists; pass --force to replace it")
+    args = parser.parse_args(argv)
+    makers = {"tiny": make_bidirectional, "tiny_far": make_far}
+    chosen = {name: os.path.join(args.out, name) for name in makers if args.only in (None, name)}
+    if not os.path.isdir(args.out):
+        raise SystemExit(f"{parser.prog}: error: --out {args.out}: no such folder")
+    existing = [folder for folder in chosen.values() if os.path.lexists(folder)]
+    if existing and not args.force:  # checked for all before anything is made
+        raise SystemExit(f"{parser.prog}: error: --out {args.out}: {existing[0]} exists; pass --force to replace it")
+    for name, folder in chosen.items():
         shutil.rmtree(folder, ignore_errors=True)
-        make()
+        makers[name](folder)
 
 
 if __name__ == "__main__":

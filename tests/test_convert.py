@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -22,7 +23,7 @@ from conftest import random_inputs, randomize_, require_oracle, small_config
 
 pytestmark = pytest.mark.reference  # compares with the oracle: rerun by CI without SIMD kernels
 
-# head dim 128 so that the head count can be inferred from shapes, as for the released models
+# one head of 128: the head dim of the released models (a config is inferred for the released widths only)
 CONFIG = small_config(num_attention_heads=1, attention_head_dim=128, image_dim=None)
 
 
@@ -148,15 +149,72 @@ def test_sharded_output_and_save_pretrained(hub, tmp_path):
 
 
 @pytest.mark.parametrize("wrapped", [True, False])
-def test_authors_pt_with_inferred_config(hub, tmp_path, wrapped):
+def test_authors_pt_with_its_config_beside_it(hub, tmp_path, wrapped):
     root, oracle = hub
     state = oracle.state_dict()
-    torch.save({"ema": state, "step": 1000} if wrapped else state, tmp_path / "ckpt.pt")
-    checkpoint = open_checkpoint(str(tmp_path / "ckpt.pt"))
-    assert checkpoint.container == "torch .pt" and checkpoint.config == CONFIG  # inferred from shapes
-    convert(str(tmp_path / "ckpt.pt"), str(tmp_path / "out"), progress=None)
+    (tmp_path / "run").mkdir()
+    torch.save({"ema": state, "step": 1000} if wrapped else state, tmp_path / "run" / "ckpt.pt")
+    (tmp_path / "run" / "config.json").write_text(json.dumps(CONFIG.to_dict()))
+    checkpoint = open_checkpoint(str(tmp_path / "run"))
+    assert checkpoint.container == "torch .pt" and checkpoint.config == CONFIG
+    assert checkpoint.config_source == str(tmp_path / "run" / "config.json")
+    convert(str(tmp_path / "run"), str(tmp_path / "out"), progress=None)
     model = AnyFlowTransformer3DModel.from_pretrained(str(tmp_path / "out"))
     assert torch.equal(velocity(model), velocity(AnyFlowTransformer3DModel.from_pretrained(str(root))))
+
+
+def test_no_config_and_a_width_no_released_model_has_is_refused(hub, tmp_path, capsys):
+    """A 1 x 128 model and a 4 x 32 one have the same shapes: only the released widths say their heads."""
+    _, oracle = hub
+    torch.save({"ema": oracle.state_dict()}, tmp_path / "ckpt.pt")
+    pt = tmp_path / "ckpt.pt"
+    message = (f"{pt}: cannot infer the config from the tensor shapes: width 128 is no released model's (1536 with 12 "
+               "heads, 5120 with 40 heads), so its head count cannot be read off the shapes; give the config: put its "
+               "config.json beside the weights and pass their folder, or pass --config FILE to anyflow-convert "
+               "(config_path= of convert and load_checkpoint)")
+    with pytest.raises(CheckpointError) as caught:
+        open_checkpoint(str(pt))
+    assert str(caught.value) == message
+    with pytest.raises(CheckpointError, match=r"width 128 is no released model's"):
+        AnyFlowTransformer3DModel.from_pretrained(str(pt))
+    assert convert_main([str(pt), str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [f"anyflow-convert: error: {message}"]
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG.to_dict()))
+    assert convert_main([str(pt), str(tmp_path / "out"), "--config", str(tmp_path / "config.json")]) == 0
+    assert f"({tmp_path / 'config.json'})" in capsys.readouterr().out
+
+
+RELEASED = ["anyflow-wan2.1-t2v-1.3b", "anyflow-wan2.1-t2v-14b", "anyflow-far-wan2.1-1.3b", "anyflow-far-wan2.1-14b"]
+
+
+@pytest.mark.parametrize("preset", RELEASED)
+def test_the_released_models_configs_are_inferred_from_their_shapes(preset):
+    from anyflow.config import PRESETS
+    from anyflow.parameters import parameter_shapes
+    from weights_convert.sources import infer_config
+
+    assert infer_config(parameter_shapes(PRESETS[preset])) == PRESETS[preset]  # shapes only: nothing allocated
+
+
+def test_inspect_says_how_a_config_was_inferred(tmp_path, capsys):
+    """A released width (1536) without a config.json: a sparse file, headers only, nothing allocated."""
+    from anyflow.cli import main
+    from anyflow.config import AnyFlowConfig
+    from anyflow.parameters import parameter_shapes
+    from weights_convert.safetensors_io import header_bytes
+
+    config = AnyFlowConfig(num_attention_heads=12, ffn_dim=64, num_layers=1, text_dim=32, freq_dim=32)
+    entries = [(name, "BF16", shape) for name, shape in sorted(parameter_shapes(config).items())]
+    header = header_bytes(entries)
+    path = tmp_path / "model.safetensors"
+    with open(path, "wb") as f:
+        f.write(header)
+        f.truncate(len(header) + sum(2 * math.prod(shape) for _, _, shape in entries))
+    assert main(["inspect", str(path)]) == 0
+    config_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("config: "))
+    assert config_line == (f"config: {config.to_dict()} (inferred from the tensor shapes, heads = D / 128 as in the "
+                           "released models)")
 
 
 def test_config_override_for_a_pt(hub, tmp_path):
@@ -212,9 +270,10 @@ def test_wan_base_warm_start_equals_wan_when_r_equals_t(tmp_path, layout):
         original = {prefix + k: v.contiguous() for k, v in to_wan_original(wan.state_dict()).items()}
         source = tmp_path / "wan_original.safetensors"
         write_file(str(source), sorted(original.items()))
-    checkpoint = open_checkpoint(str(source))
+    config = str(tmp_path / "wan" / "config.json")  # its width (128) is no released model's: not inferred
+    checkpoint = open_checkpoint(str(source), config_path=config)
     assert checkpoint.format == ("wan-diffusers" if layout == "diffusers" else "wan-original")
-    convert(str(source), str(tmp_path / "out"), progress=None)
+    convert(str(source), str(tmp_path / "out"), config_path=config, progress=None)
     model = AnyFlowTransformer3DModel.from_pretrained(str(tmp_path / "out"))
     for a, b in zip(model.time_embed.source_time_mlp.parameters(), model.time_embed.target_time_mlp.parameters()):
         assert torch.equal(a, b)
@@ -248,6 +307,55 @@ def test_inspect_reads_headers(hub, capsys):
     printed = capsys.readouterr().out
     assert "format: AnyFlow, diffusers layout (sharded safetensors" in printed
     assert "parameters: " in printed and "float32" in printed and "'num_layers': 2" in printed
+
+
+def inspected_paths(argv, capsys):
+    """The path:, files: and the config's source of ``anyflow inspect``."""
+    from anyflow.cli import main
+
+    assert main(["inspect", *argv]) == 0
+    lines = {line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines()}
+    return lines["path"], lines["files"], lines["config"].rsplit(" (", 1)[1].rstrip(")")
+
+
+def test_inspect_prints_the_path_absolute_once_and_the_files_relative_to_it(hub, tmp_path, capsys, monkeypatch):
+    root, oracle = hub
+    oracle.save_pretrained(tmp_path / "single")
+    monkeypatch.chdir(tmp_path)
+    single = "diffusion_pytorch_model.safetensors"
+    assert inspected_paths(["single"], capsys) == (str(tmp_path / "single"), single, "config.json")
+    assert inspected_paths([f"single/{single}"], capsys) == (str(tmp_path / "single" / single), single, "config.json")
+    monkeypatch.chdir(root.parent)
+    assert len([f for f in os.listdir(root / "transformer") if f.endswith(".safetensors")]) == 9
+    files = ("10 files: transformer/diffusion_pytorch_model-00001-of-00009.safetensors, "
+             "transformer/diffusion_pytorch_model-00002-of-00009.safetensors ... "
+             "transformer/diffusion_pytorch_model-00009-of-00009.safetensors, "
+             "transformer/diffusion_pytorch_model.safetensors.index.json")
+    assert inspected_paths([root.name], capsys) == (str(root), files, "transformer/config.json")
+
+
+def test_out_must_be_in_an_existing_folder(hub, tmp_path, capsys):
+    root, _ = hub
+    out = tmp_path / "missing" / "out"
+    code, err = run_cli([root, out], capsys)
+    assert code == 1 and err == f"anyflow-convert: error: {out}: OUT's folder {tmp_path / 'missing'} does not exist; create it first"
+    with pytest.raises(CheckpointError, match=f"^{out}: OUT's folder {tmp_path / 'missing'} does not exist; create it first$"):
+        convert(str(root), str(out), progress=None)
+    assert listing(tmp_path) == []  # nothing created
+    AnyFlowTransformer3DModel(CONFIG).save_pretrained(str(tmp_path / "saved" / "model"))  # as diffusers' does
+    assert listing(tmp_path / "saved" / "model") == ["config.json", "model.safetensors"]
+
+
+def test_a_long_list_of_written_files_is_summarised(hub, tmp_path, capsys):
+    root, _ = hub
+    out = tmp_path / "out"
+    assert convert_main([str(root), str(out), "--max-shard-size", "1KB"]) == 0
+    shards = len(listing(out)) - 2
+    assert shards > 20
+    wrote = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("wrote "))
+    assert wrote.startswith(f"wrote anyflow layout to {out}: {shards + 2} files: config.json, "
+                            f"model-00001-of-{shards:05d}.safetensors ... model-{shards:05d}-of-{shards:05d}.safetensors, "
+                            "model.safetensors.index.json (")
 
 
 # ---- bad input: nothing lost, nothing half-written ---------------------------------------------
@@ -447,8 +555,10 @@ def test_fuzzed_headers_indexes_and_pt_files_end_in_clear_errors(hub, tmp_path, 
             src = case
         else:
             case.mkdir()
-            src = case / ("model.safetensors" if kind == "safetensors" else "ckpt.pt")
-            src.write_bytes(bytes(data))
+            (case / "config.json").write_text(json.dumps(CONFIG.to_dict()))  # a width no released model has
+            weights = case / ("model.safetensors" if kind == "safetensors" else "ckpt.pt")
+            weights.write_bytes(bytes(data))
+            src = weights if kind == "safetensors" else case  # a .pt reads the config.json of its folder
         code = convert_main([str(src), str(tmp_path / f"out{trial}")])
         err = capsys.readouterr().err.strip().splitlines()
         if code == 0:

@@ -301,7 +301,7 @@ def test_far_config_refuses_what_cannot_work():
 
 # ---- checkpoints ----------------------------------------------------------------------------------
 
-HEAD_128 = dict(num_attention_heads=1, attention_head_dim=128, ffn_dim=48)  # heads inferable from shapes
+HEAD_128 = dict(num_attention_heads=1, attention_head_dim=128, ffn_dim=48)  # the released head dim
 
 
 def test_far_checkpoints_convert_both_ways_and_from_an_authors_pt(tmp_path):
@@ -321,10 +321,13 @@ def test_far_checkpoints_convert_both_ways_and_from_an_authors_pt(tmp_path):
         assert torch.equal(FarOracle.from_pretrained(str(tmp_path / "back")).eval()(
             latents, t, r, text, chunk_partition=list(config.chunk_partition)).sample, expected)
 
-    torch.save({"ema": oracle.state_dict(), "step": 10}, tmp_path / "far.pt")
-    inferred = open_checkpoint(str(tmp_path / "far.pt")).config  # no config.json: read off the shapes
-    assert inferred == AnyFlowFARConfig(**{**config.to_dict(), "chunk_partition": (1, 3, 3, 3, 3, 3, 3, 2)})
-    model = AnyFlowFARTransformer3DModel.from_pretrained(str(tmp_path / "far.pt"))
+    (tmp_path / "run").mkdir()  # width 128 is no released model's: the .pt needs its config.json beside it
+    torch.save({"ema": oracle.state_dict(), "step": 10}, tmp_path / "run" / "far.pt")
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config.to_dict()))
+    with pytest.raises(CheckpointError, match="width 128 is no released model's"):
+        open_checkpoint(str(tmp_path / "run" / "far.pt"))
+    assert open_checkpoint(str(tmp_path / "run")).config == config
+    model = AnyFlowFARTransformer3DModel.from_pretrained(str(tmp_path / "run"))
     with torch.no_grad():
         assert error(model(latents, t, r, text, chunk_partition=config.chunk_partition).sample, expected) <= FP32_BAR
 

@@ -327,12 +327,13 @@ def authors_training_checkpoint(path, oracle, seed, far=False):
 @pytest.mark.parametrize("far", [False, True], ids=["bidirectional", "far"])
 def test_authors_peft_wrapped_checkpoint_is_merged_on_load_and_conversion(tmp_path, far):
     Oracle = require_oracle("AnyFlowFARTransformer3DModel" if far else "AnyFlowTransformer3DModel")
-    shapes = dict(num_attention_heads=1, attention_head_dim=128)  # the heads of a .pt are inferred as D / 128
-    config = AnyFlowFARConfig(**{**SMALL, **shapes, "chunk_partition": (1, 2)}) if far else small_config(**shapes)
+    config = AnyFlowFARConfig(**{**SMALL, "chunk_partition": (1, 2)}) if far else small_config()
     oracle = Oracle(**config.to_dict()).eval()
     randomize_(oracle, 15)
-    path = str(tmp_path / "step_6000.pt")
-    wrapped, state = authors_training_checkpoint(path, oracle, seed=16)
+    (tmp_path / "run").mkdir()  # the .pt in a folder with its config: a width no released model has is not inferred
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config.to_dict()))
+    path = str(tmp_path / "run")
+    wrapped, state = authors_training_checkpoint(str(tmp_path / "run" / "step_6000.pt"), oracle, seed=16)
     reference = {}
     for key, value in state.items():  # the reference merge: W + (alpha / rank) B @ A, alpha = rank
         name = key.removeprefix("base_model.model.")
@@ -454,11 +455,11 @@ BAD = {
                      r"\['blocks\.5\.ffn\.0'\].*blocks up to 5, this model 2 blocks"),
     "rank_mismatch": ({"transformer.blocks.1.attn1.to_v.lora_A.weight": (RANK, 32),
                        "transformer.blocks.1.attn1.to_v.lora_B.weight": (32, RANK - 1)},
-                      r"blocks\.1\.attn1\.to_v: ranks differ: lora_down \(4, 32\) has rank 4, lora_up \(32, 3\) has 3"),
+                      r"blocks\.1\.attn1\.to_v: ranks differ: lora_A \(4, 32\) has rank 4, lora_B \(32, 3\) has 3"),
     "half_a_pair": ({"lora_unet_blocks_0_ffn_2.lora_down.weight": (RANK, 48)},
-                    r"blocks_0_ffn_2: has lora_down without its partner"),
+                    r"blocks_0_ffn_2: has lora_down without its partner lora_up$"),
     "bias_delta_on_a_norm": ({"diffusion_model.blocks.0.self_attn.norm_q.diff_b": (32,)},
-                             r"norm_q: bias delta \(32,\) does not fit the model's module, which has no bias"),
+                             r"norm_q: diff_b \(32,\) does not fit the model's module, which has no bias"),
     "dora": ({"transformer.blocks.0.attn1.to_q.lora_A.weight": (RANK, 32),
               "transformer.blocks.0.attn1.to_q.lora_magnitude_vector": (32,)}, r"a DoRA adapter"),
     "a_model_not_an_adapter": ({"blocks.0.attn1.to_q.weight": (32, 32)},
@@ -489,7 +490,7 @@ def test_non_finite_values_are_refused_before_anything_changes(tmp_path):
         "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.randn(32, RANK),
         "transformer.blocks.1.attn1.to_v.lora_A.weight": torch.randn(RANK, 32),
         "transformer.blocks.1.attn1.to_v.lora_B.weight": up})
-    with pytest.raises(CheckpointError, match=r"blocks\.1\.attn1\.to_v lora_up has NaN or infinite values"):
+    with pytest.raises(CheckpointError, match=r"blocks\.1\.attn1\.to_v lora_B has NaN or infinite values"):
         model.merge_lora(path)
     assert_untouched(model, before)
     with pytest.raises(ValueError, match="must be finite"):
@@ -566,7 +567,7 @@ def test_inspect_describes_an_adapter(base_and_adapter, capsys):
     _, adapter, _ = base_and_adapter
     assert anyflow_main(["inspect", adapter]) == 0
     out = capsys.readouterr().out
-    assert "format: Wan2.1 original / ComfyUI LoRA (bias delta, lora_down, lora_up)" in out
+    assert "format: Wan2.1 original / ComfyUI LoRA (lora_down, lora_up, diff_b)" in out
     assert "rank: 4; alpha:" in out
     assert "blocks.*.self_attn.q x2" in out and "time_embed.source_time_mlp.fc_in" in out
     assert "for a model of at least 2 blocks, width 32" in out
@@ -580,6 +581,71 @@ def test_parse_lora_argument(tmp_path):
     odd.write_bytes(b"")
     assert parse_lora_argument(str(odd)) == (str(odd), 1.0)
     assert parse_lora_argument(f"{odd}:-0.5") == (str(odd), -0.5)
+
+
+def test_a_scale_that_is_no_finite_number_is_named_once(tmp_path, capsys, base_and_adapter):
+    base, adapter, _ = base_and_adapter
+    odd = tmp_path / "run:2.safetensors"
+    odd.write_bytes(b"")
+    cases = {f"{adapter}:abc": f"--lora {adapter}:abc: the scale 'abc' is not a number",
+             f"{odd}:x": f"--lora {odd}:x: the scale 'x' is not a number",
+             "style.safetensors:v2": "--lora style.safetensors:v2: the scale 'v2' is not a number, and there is no "
+                                     "file style.safetensors:v2",
+             "x:nan": "--lora x:nan: the scale must be a finite number, got 'nan'",
+             f"{adapter}:-inf": f"--lora {adapter}:-inf: the scale must be a finite number, got '-inf'"}
+    embeds = tmp_path / "embeds.safetensors"
+    for text, message in cases.items():
+        with pytest.raises(ValueError) as caught:
+            parse_lora_argument(text)
+        assert str(caught.value) == message
+        args = ["sample", "--model", base, "--prompt-embeds", str(embeds), "--lora", text,
+                "--out", str(tmp_path / "out.safetensors")]
+        assert anyflow_main(args) == 1
+        assert capsys.readouterr().err.strip().splitlines() == [f"anyflow sample: error: {message}"]
+        assert convert_main([base, str(tmp_path / "converted"), "--lora", text]) == 1
+        assert capsys.readouterr().err.strip().splitlines() == [f"anyflow-convert: error: {message}"]
+    assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "base", "run:2.safetensors"]  # nothing written
+
+
+def test_lora_takes_one_adapter_or_a_list(base_and_adapter):
+    from pathlib import Path
+
+    from weights_convert.lora import normalize_lora
+
+    base, adapter, _ = base_and_adapter
+    assert normalize_lora(adapter) == normalize_lora(Path(adapter)) == normalize_lora([adapter]) == [(adapter, 1.0)]
+    assert normalize_lora((adapter, 0.4)) == normalize_lora([(Path(adapter), 0.4)]) == [(adapter, 0.4)]
+    assert normalize_lora([adapter, (adapter, 2)]) == [(adapter, 1.0), (adapter, 2.0)]
+    assert normalize_lora(None) == normalize_lora([]) == []
+    with pytest.raises(ValueError, match=rf"^lora: the scale of {adapter} must be finite, got nan$"):
+        normalize_lora((adapter, float("nan")))
+
+    def loaded(lora):
+        return AnyFlowTransformer3DModel.from_pretrained(base, lora=lora).state_dict()
+
+    for single, listed in [(adapter, [adapter]), (Path(adapter), [adapter]), ((adapter, 0.4), [(adapter, 0.4)])]:
+        expected = loaded(listed)
+        assert all(torch.equal(value, expected[name]) for name, value in loaded(single).items()), single
+
+
+def test_inspect_names_the_parts_as_the_file_does_and_refuses_half_pairs(tmp_path, capsys):
+    peft = raw_adapter(tmp_path / "peft.safetensors", {
+        "transformer.blocks.0.attn1.to_q.lora_A.weight": torch.randn(RANK, 32),
+        "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.randn(32, RANK)})
+    assert anyflow_main(["inspect", peft]) == 0
+    assert "format: diffusers / PEFT LoRA (lora_A, lora_B)" in capsys.readouterr().out.splitlines()
+    half = raw_adapter(tmp_path / "half.safetensors", {
+        "transformer.blocks.0.attn1.to_q.lora_A.weight": torch.randn(RANK, 32),
+        "transformer.blocks.1.attn1.to_q.lora_A.weight": torch.randn(RANK, 32),
+        "transformer.blocks.1.attn1.to_q.lora_B.weight": torch.randn(32, RANK)})
+    problem = f"{half}: blocks.0.attn1.to_q: has lora_A without its partner lora_B"
+    assert anyflow_main(["inspect", half]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.strip().splitlines() == [f"anyflow inspect: error: {problem}"]
+    model = AnyFlowTransformer3DModel(small_config())
+    with pytest.raises(CheckpointError) as caught:  # what loading says
+        model.merge_lora(half)
+    assert str(caught.value) == problem
 
 
 def test_sample_with_lora_equals_the_library(tmp_path, capsys):

@@ -198,3 +198,42 @@ def test_a_config_written_by_hand_is_strict_in_python():
     authors = authors_config(CONFIG)
     with pytest.raises(ValueError, match=r"weights_convert.configs.read_config"):
         AnyFlowConfig.from_dict(authors)
+
+
+# ---- the tiny checkpoints the package ships, in the Hub layout (scripts/make_tiny_checkpoint.py) ------------
+
+def load_script(name: str):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_tiny_checkpoint_writes_where_told_and_replaces_only_with_force(tmp_path):
+    from anyflow.cli import TINY_CHECKPOINT
+    from weights_convert.safetensors_io import read_header
+
+    require_oracle("AnyFlowPipeline")
+    script = load_script("make_tiny_checkpoint")
+    script.main(["--only", "tiny", "--out", str(tmp_path)])
+    made = tmp_path / "tiny"
+    assert sorted(os.listdir(made)) == ["golden.safetensors", "model_index.json", "transformer"]
+    assert open_checkpoint(str(made)).config == open_checkpoint(TINY_CHECKPOINT).config
+    shipped = {k: r.read() for k, r in read_header(os.path.join(TINY_CHECKPOINT, "golden.safetensors"))[0].items()}
+    for name, record in read_header(str(made / "golden.safetensors"))[0].items():
+        torch.testing.assert_close(record.read(), shipped[name], rtol=1e-5, atol=1e-5 * shipped[name].abs().max().item())
+    (made / "mark").write_text("kept")
+    with pytest.raises(SystemExit) as caught:
+        script.main(["--out", str(tmp_path)])
+    assert str(caught.value) == f"make_tiny_checkpoint.py: error: --out {tmp_path}: {made} exists; pass --force to replace it"
+    assert (made / "mark").exists() and not (tmp_path / "tiny_far").exists()
+    with pytest.raises(SystemExit) as caught:
+        script.main(["--out", str(tmp_path / "nowhere")])
+    assert str(caught.value) == f"make_tiny_checkpoint.py: error: --out {tmp_path / 'nowhere'}: no such folder"
+    script.main(["--only", "tiny", "--out", str(tmp_path), "--force"])
+    assert not (made / "mark").exists() and os.path.isfile(made / "golden.safetensors")
+    assert os.path.samefile(script.ASSETS_ROOT, os.path.dirname(TINY_CHECKPOINT))  # the default --out
+

@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
         "diffusers. Streams one tensor at a time, verifies what it wrote, and never touches SRC.",
     )
     parser.add_argument("src", metavar="SRC", help="checkpoint file or folder")
-    parser.add_argument("out", metavar="OUT", help="output folder (must not exist unless --force)")
+    parser.add_argument("out", metavar="OUT", help="output folder (must not exist unless --force; the folder it goes "
+                        "in must exist)")
     parser.add_argument("--from", dest="from_format", choices=FORMATS, help="force the source naming (default: detected)")
     parser.add_argument("--to", choices=("anyflow", "diffusers"), default="anyflow", help="output layout (default anyflow)")
     parser.add_argument("--dtype", choices=("keep", "float32", "bfloat16", "float16"), default="keep",
@@ -26,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-shard-size", default="5GB", help="shard the output above this size (default 5GB)")
     parser.add_argument("--config", dest="config_path", metavar="FILE",
                         help="config JSON overriding the found or inferred config (diffusers' or the authors' keys; "
-                        "unknown keys are refused as typos)")
+                        "unknown keys are refused as typos); needed for weights without a config.json whose width "
+                        "is no released model's (the heads are inferred as D / 128 for 1536 and 5120 only)")
     parser.add_argument("--far", action="store_true",
                         help="warm-start an AnyFlow FAR model from a bidirectional AnyFlow or Wan2.1 SRC: the compressed "
                         "patch embedding resampled from the full one (FAR settings as released unless --config gives them)")
@@ -45,21 +47,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.lora_skip_unknown and not args.lora:
         parser.error("--lora-skip-unknown: no --lora given")
-    from anyflow.interrupts import Interrupted, signals_raise_interrupted
+    from anyflow.interrupts import Interrupted, exit_now, run_interruptibly, signals_raise_interrupted
 
     from .configs import describe_keys
     from .conversion import convert
     from .lora import parse_lora_argument
+    from .partials import remove_registered
     from .writer import OutputExistsError
 
-    adapters = [parse_lora_argument(text) for text in args.lora]
     start = time.perf_counter()
     try:
+        adapters = [parse_lora_argument(text) for text in args.lora]
         with signals_raise_interrupted():
-            report = convert(args.src, args.out, from_format=args.from_format, to=args.to, dtype=args.dtype,
-                             max_shard_size=args.max_shard_size, config_path=args.config_path, force=args.force,
-                             progress=sys.stderr, far=args.far, lora=adapters,
-                             lora_skip_unknown=args.lora_skip_unknown)
+            report = run_interruptibly(lambda: convert(
+                args.src, args.out, from_format=args.from_format, to=args.to, dtype=args.dtype,
+                max_shard_size=args.max_shard_size, config_path=args.config_path, force=args.force, progress=sys.stderr,
+                far=args.far, lora=adapters, lora_skip_unknown=args.lora_skip_unknown), cleanup=remove_registered)
     except OutputExistsError as exc:
         print(f"anyflow-convert: error: {exc.out}: already exists; pass --force to replace it (it is replaced only "
               "after success)", file=sys.stderr)
@@ -70,18 +73,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Interrupted as stop:
         print(f"anyflow-convert: interrupted ({stop}); nothing was written and {args.out} is as it was",
               file=sys.stderr)
+        if stop.abandoned:
+            exit_now(stop.exit_code)
         return stop.exit_code
     seconds = time.perf_counter() - start
     source = report.source
     print(f"detected: {source.description}")
-    print(f"config: {source.config.to_dict()}")
+    print(f"config: {source.config.to_dict()} ({source.config_source})")
     for path, scale in adapters:
         print(f"merged LoRA: {path} x {scale:g}")
     if source.config_set_aside:
         print(f"config keys set aside (they do not change this model): {describe_keys(source.config_set_aside)}")
-    print(f"wrote {args.to} layout to {report.out}: {', '.join(report.files)} "
+    print(f"wrote {args.to} layout to {report.out}: {summarize(report.files)} "
           f"({report.nbytes_written / 1e9:.3f} GB in {seconds:.1f} s, every tensor verified)")
     return 0
+
+
+def summarize(names: List[str], ends: int = 2) -> str:
+    """File names for one line: all of a short list; of a long one the count, the first and the last few
+    (``62 files: config.json, model-00001-of-00060.safetensors ... model-00060-of-00060.safetensors,
+    model.safetensors.index.json``)."""
+    names = sorted(names)
+    if len(names) <= 2 * ends + 1:
+        return ", ".join(names)
+    return f"{len(names)} files: {', '.join(names[:ends])} ... {', '.join(names[-ends:])}"
 
 
 if __name__ == "__main__":

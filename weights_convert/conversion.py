@@ -7,14 +7,15 @@ copies byte ranges. Casting, ``.pt`` sources and loading a model do.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, TextIO, Tuple, Union
 
 from anyflow.config import AnyFlowConfig, AnyFlowFARConfig
 from anyflow.parameters import DTYPE_NAMES, is_fp32_island
 
-from .lora import LoraArgument, apply_adapters, normalize_lora
+from .lora import LoraArguments, apply_adapters, normalize_lora
 from .pt_files import InMemoryTensor
 from .safetensors_io import HALF_DTYPES, TensorRecord, dtype_code, itemsize, map_records, torch_dtype
 from .sources import Checkpoint, open_checkpoint
@@ -90,14 +91,15 @@ def convert(
     force: bool = False,
     progress: Optional[TextIO] = sys.stderr,
     far: bool = False,
-    lora: Optional[Sequence[LoraArgument]] = None,
+    lora: Optional[LoraArguments] = None,
     lora_skip_unknown: bool = False,
 ) -> ConversionReport:
     """Convert the checkpoint at ``src`` into folder ``out`` (our layout, or back to diffusers).
 
     Streams one tensor at a time, re-reads and checks every written tensor, then moves the
-    folder into place. ``src`` is never modified. ``far`` warm-starts a FAR model from a
-    bidirectional AnyFlow or Wan2.1 ``src``. ``lora`` (adapter files, or (file, scale) pairs) bakes
+    folder into place. ``src`` is never modified; the folder ``out`` goes in must exist. ``far``
+    warm-starts a FAR model from a bidirectional AnyFlow or Wan2.1 ``src``. ``lora`` (an adapter
+    file, a (file, scale) pair, or a list of them) bakes
     LoRA adapters into the output (:mod:`.lora`; every adapter is checked before anything is
     written; ``lora_skip_unknown`` leaves out adapter modules the model does not have).
     """
@@ -126,7 +128,7 @@ def load_checkpoint(
     from_format: Optional[str] = None,
     config_path: Optional[str] = None,
     far: bool = False,
-    lora: Optional[Sequence[LoraArgument]] = None,
+    lora: Optional[LoraArguments] = None,
     lora_skip_unknown: bool = False,
 ) -> Tuple[AnyFlowConfig, Dict[str, "torch.Tensor"]]:
     """Any supported checkpoint as (config, state dict under our names), ready for ``load_state_dict``.
@@ -135,7 +137,8 @@ def load_checkpoint(
     from disk only when first used, and the file never changes. ``dtype=None`` keeps the
     checkpoint's compute dtype; in half precision the fp32 islands are float32 either way.
     ``far`` warm-starts a FAR model from a bidirectional AnyFlow or Wan2.1 checkpoint. ``lora``
-    merges LoRA adapters (files, or (file, scale) pairs) as each tensor is read, as in :func:`convert`.
+    merges LoRA adapters (a file, a (file, scale) pair, or a list of them) as each tensor is read, as
+    in :func:`convert`. ``config_path`` gives the config of weights that have none beside them.
     """
     import torch
 
@@ -166,7 +169,9 @@ def save_state_dict(
     force: bool = False,
 ) -> List[str]:
     """Write a state dict under our names in our layout (``config.json`` + ``model.safetensors`` or
-    shards) to folder ``out``, verified and atomically; returns the file names."""
+    shards) to folder ``out``, verified and atomically; returns the file names. Missing folders above
+    ``out`` are created, as diffusers' ``save_pretrained`` does (:func:`convert` refuses them)."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
     tensors = [
         OutputTensor(k, InMemoryTensor(k, v.detach().cpu()).read, dtype_code(v.dtype), tuple(v.shape))

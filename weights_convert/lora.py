@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -54,7 +55,11 @@ PARTS = {
 _WRAPPED = "base_model.model."
 _WRAPPED_FACTOR = re.compile(r"(.+)\.lora_([AB])\.([^.]+)\.weight")
 _WAN_ONLY_NAMES = re.compile(r"(^|\.)(self_attn|cross_attn|ffn\.[02]|time_embedding|time_projection|text_embedding|head\.head)(\.|$)")
-LoraArgument = Union[str, Tuple[str, float]]
+LoraArgument = Union[str, "os.PathLike[str]", Tuple[Union[str, "os.PathLike[str]"], float]]
+LoraArguments = Union[LoraArgument, Sequence[LoraArgument]]  # one adapter, or a list of them
+# the canonical name of each role, for a module whose file does not say (and the order parts are listed in)
+ROLE_NAMES = {"down": "lora_down", "up": "lora_up", "diff": "diff", "bias_delta": "bias delta"}
+PARTNERS = {"lora_A": "lora_B", "lora_B": "lora_A", "lora_down": "lora_up", "lora_up": "lora_down"}
 
 
 class AdapterFileError(CheckpointError):
@@ -79,6 +84,7 @@ class ModuleDelta:
     bias_delta: Optional[object] = None
     bias_follows_alpha: bool = False  # PEFT's lora_B.bias: scaled by alpha / rank, like B @ A
     rslora: bool = False  # PEFT's use_rslora: alpha / sqrt(rank)
+    names: Dict[str, str] = field(default_factory=dict)  # role -> the part's name in the file ("lora_A", "diff_b")
 
     @property
     def rank(self) -> Optional[int]:
@@ -90,9 +96,17 @@ class ModuleDelta:
         name = self.weight or self.bias
         return name[: -len(".weight")] if name.endswith(".weight") else name[: -len(".bias")] if name.endswith(".bias") else name
 
+    def name(self, role: str) -> str:
+        """The name of a part (``"down"``, ``"up"``, ``"diff"``, ``"bias_delta"``) as the file spells it
+        (``lora_A`` or ``lora_down``, ...); for a part the file lacks, its partner's spelling."""
+        if role in self.names:
+            return self.names[role]
+        partner = self.names.get({"down": "up", "up": "down"}.get(role))
+        return PARTNERS.get(partner, ROLE_NAMES[role])
+
     def parts(self) -> List[Tuple[str, object]]:
-        named = (("lora_down", self.down), ("lora_up", self.up), ("diff", self.diff), ("bias delta", self.bias_delta))
-        return [(part, lazy) for part, lazy in named if lazy is not None]
+        """(name as in the file, lazy tensor) of each part present, in the order A / down, B / up, diff, bias."""
+        return [(self.name(role), getattr(self, role)) for role in ROLE_NAMES if getattr(self, role) is not None]
 
     def scaling(self) -> float:
         """alpha / rank (alpha / sqrt(rank) for rsLoRA); alpha = rank when the adapter gives none."""
@@ -151,8 +165,7 @@ class Adapter:
         problems = [problem for delta in usable for problem in _shape_problems(delta, shapes)]
         if problems:
             width = " (an adapter for another model width?)" if any("does not fit" in p for p in problems) else ""
-            raise CheckpointError(f"{self.path}: " + "; ".join(problems[:3])
-                                  + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "") + width)
+            raise CheckpointError(_problems_message(self.path, problems) + width)
         missing = self.unknown + [d.source for d in self.deltas if d not in usable]
         if missing and not skip_unknown:
             raise CheckpointError(f"{self.path}: the adapter changes modules this model does not have: "
@@ -167,6 +180,13 @@ class Adapter:
                 if not torch.isfinite(lazy.read()).all():
                     raise CheckpointError(f"{self.path}: {delta.source} {part} has NaN or infinite values")
 
+    def check_structure(self) -> None:
+        """What any model would refuse in this adapter, checked without one: half a pair of factors,
+        factors of different ranks. Raises :class:`CheckpointError` with the words of :meth:`check`."""
+        problems = [problem for delta in self.deltas for problem in _structure_problems(delta)]
+        if problems:
+            raise CheckpointError(_problems_message(self.path, problems))
+
     def targets(self, shapes: Mapping[str, Tuple[int, ...]]) -> Iterator[Tuple[str, ModuleDelta, str]]:
         """(our parameter name, its delta, "weight" or "bias") for every parameter the adapter changes."""
         for delta in self.usable(shapes):
@@ -174,26 +194,41 @@ class Adapter:
                 yield name, delta, part
 
 
+def _structure_problems(delta: ModuleDelta) -> List[str]:
+    """What is wrong with a delta whatever the model: half a pair of factors, factors of different ranks."""
+    down, up = delta.name("down"), delta.name("up")
+    if (delta.down is None) != (delta.up is None):
+        have, lack = (down, up) if delta.up is None else (up, down)
+        return [f"{delta.source}: has {have} without its partner {lack}"]
+    if delta.down is not None:
+        a, b = tuple(delta.down.shape), tuple(delta.up.shape)
+        if len(a) < 2 or len(b) < 2 or b[1] != a[0] or math.prod(b[2:]) != 1:
+            return [f"{delta.source}: ranks differ: {down} {a} has rank {a[0] if a else '?'}, "
+                    f"{up} {b} has {b[1] if len(b) > 1 else '?'}"]
+    return []
+
+
 def _shape_problems(delta: ModuleDelta, shapes: Mapping[str, Tuple[int, ...]]) -> List[str]:
     weight = shapes.get(delta.weight) if delta.weight else None
     bias = shapes.get(delta.bias) if delta.bias else None
-    problems = []
-    if (delta.down is None) != (delta.up is None):
-        problems.append(f"{delta.source}: has {'lora_down' if delta.up is None else 'lora_up'} without its partner")
-    elif delta.down is not None:
+    problems = _structure_problems(delta)
+    if not problems and delta.down is not None:
         down, up = tuple(delta.down.shape), tuple(delta.up.shape)
-        if len(down) < 2 or len(up) < 2 or up[1] != down[0] or math.prod(up[2:]) != 1:
-            problems.append(f"{delta.source}: ranks differ: lora_down {down} has rank {down[0] if down else '?'}, "
-                            f"lora_up {up} has {up[1] if len(up) > 1 else '?'}")
-        elif weight is None or up[0] != weight[0] or math.prod(down[1:]) != math.prod(weight[1:]):
-            problems.append(f"{delta.source}: lora_up {up} @ lora_down {down} does not fit the model's "
-                            f"{delta.weight} {weight}")
+        if weight is None or up[0] != weight[0] or math.prod(down[1:]) != math.prod(weight[1:]):
+            problems.append(f"{delta.source}: {delta.name('up')} {up} @ {delta.name('down')} {down} does not fit "
+                            f"the model's {delta.weight} {weight}")
     if delta.diff is not None and tuple(delta.diff.shape) != weight:
-        problems.append(f"{delta.source}: diff {tuple(delta.diff.shape)} does not fit the model's {delta.weight} {weight}")
+        problems.append(f"{delta.source}: {delta.name('diff')} {tuple(delta.diff.shape)} does not fit the model's "
+                        f"{delta.weight} {weight}")
     if delta.bias_delta is not None and tuple(delta.bias_delta.shape) != bias:
-        problems.append(f"{delta.source}: bias delta {tuple(delta.bias_delta.shape)} does not fit the model's "
-                        + (f"{delta.bias} {bias}" if bias else "module, which has no bias"))
+        problems.append(f"{delta.source}: {delta.name('bias_delta')} {tuple(delta.bias_delta.shape)} does not fit "
+                        "the model's " + (f"{delta.bias} {bias}" if bias else "module, which has no bias"))
     return problems
+
+
+def _problems_message(path: str, problems: Sequence[str]) -> str:
+    """``path: problem; problem; problem; and N more``."""
+    return f"{path}: " + "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
 
 
 def _listing(names: Sequence[str]) -> str:
@@ -212,30 +247,52 @@ def _hint(missing: Sequence[str], shapes: Optional[Mapping[str, Tuple[int, ...]]
     return f" ({'; '.join(hints)})" if hints else ""
 
 
-def normalize_lora(lora: Optional[Sequence[LoraArgument]]) -> List[Tuple[str, float]]:
-    """``[file, (file, scale), ...]`` -> ``[(file, scale), ...]``, scales checked finite."""
+def normalize_lora(lora: Optional[LoraArguments]) -> List[Tuple[str, float]]:
+    """``file``, ``(file, scale)`` or a list of them -> ``[(file, scale), ...]``, scales checked finite.
+
+    A file is a str or an ``os.PathLike``; a pair is a file and a real number.
+    """
+    if lora is None:
+        return []
+    if isinstance(lora, (str, os.PathLike)) or _is_pair(lora):
+        lora = [lora]
     pairs = []
-    for item in lora or ():
+    for item in lora:
         path, scale = (item, 1.0) if isinstance(item, (str, os.PathLike)) else tuple(item)
         try:
             scale = float(scale)
         except (TypeError, ValueError):
-            raise ValueError(f"lora: the scale of {path} must be a number, got {scale!r}") from None
+            raise ValueError(f"lora: the scale of {os.fspath(path)} must be a number, got {scale!r}") from None
         if not math.isfinite(scale):
-            raise ValueError(f"lora: the scale of {path} must be finite, got {scale}")
+            raise ValueError(f"lora: the scale of {os.fspath(path)} must be finite, got {scale}")
         pairs.append((os.fspath(path), scale))
     return pairs
 
 
+def _is_pair(item: object) -> bool:
+    """Whether ``item`` is one (file, scale) pair rather than a list of adapters."""
+    return (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], (str, os.PathLike))
+            and isinstance(item[1], numbers.Real))
+
+
 def parse_lora_argument(text: str) -> Tuple[str, float]:
-    """``FILE[:SCALE]`` of ``--lora`` -> (file, scale); a file whose own name has a colon is taken whole."""
+    """``FILE[:SCALE]`` of ``--lora`` -> (file, scale).
+
+    An existing file is taken whole, even with a colon in its name; otherwise the text after the
+    last colon is the scale. Raises ValueError naming the argument for a scale that is no number
+    or not finite.
+    """
     path, sep, scale = text.rpartition(":")
-    if sep and path and not os.path.exists(text):
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass
-    return text, 1.0
+    if not sep or not path or os.path.exists(text):
+        return text, 1.0
+    try:
+        value = float(scale)
+    except ValueError:
+        missing = "" if os.path.exists(path) else f", and there is no file {text}"
+        raise ValueError(f"--lora {text}: the scale {scale!r} is not a number{missing}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"--lora {text}: the scale must be a finite number, got {scale!r}")
+    return path, value
 
 
 def looks_like_adapter(keys: Sequence[str]) -> bool:
@@ -289,6 +346,7 @@ def open_adapter(path: str) -> Adapter:
             delta.alpha = float(lazy.read().reshape(-1)[0])
         else:
             setattr(delta, role, lazy)
+            delta.names[role] = suffix[1:].removesuffix(".weight")
     for delta in deltas.values():
         if delta.alpha is None:
             delta.alpha = _configured_alpha(config, delta.source)
@@ -379,7 +437,13 @@ def _configured_alpha(config: Mapping[str, object], module: str) -> Optional[flo
 
 
 def describe(adapter: Adapter) -> List[str]:
-    """Lines for ``anyflow inspect``: format, ranks, alphas, which modules, for which width and depth."""
+    """Lines for ``anyflow inspect``: format (with the parts as the file names them), ranks, alphas,
+    which modules, for which width and depth.
+
+    Raises :class:`CheckpointError` for an adapter that no model would take (half a pair of factors,
+    ranks that differ; :meth:`Adapter.check_structure`), with the words loading it would use.
+    """
+    adapter.check_structure()
     ranks = sorted({d.rank for d in adapter.deltas if d.rank is not None})
     alphas = sorted({d.alpha for d in adapter.deltas if d.alpha is not None})
     kinds: Dict[str, int] = {}
@@ -394,7 +458,8 @@ def describe(adapter: Adapter) -> List[str]:
         for lazy in (delta.up, delta.diff):
             if width is None and lazy is not None and delta.module.endswith("self_attn.q"):
                 width = lazy.shape[0]
-    parts = sorted({part for d in adapter.deltas for part, _ in d.parts()})
+    parts = list(dict.fromkeys(part for role in ROLE_NAMES for d in adapter.deltas
+                               if getattr(d, role) is not None for part in [d.name(role)]))
     lines = [f"adapter: {adapter.path}",
              f"format: {ADAPTER_FORMATS[adapter.format]} LoRA ({', '.join(parts)})",
              f"rank: {', '.join(map(str, ranks)) or 'none (full deltas only)'}; alpha: "
@@ -442,10 +507,10 @@ class MergedTensor:
         return merged
 
 
-def apply_adapters(tensors: Mapping[str, object], lora: Optional[Sequence[LoraArgument]],
+def apply_adapters(tensors: Mapping[str, object], lora: Optional[LoraArguments],
                    skip_unknown: bool = False) -> Dict[str, object]:
-    """Our-named lazy tensors with every adapter of ``lora`` (files, or (file, scale) pairs) merged
-    in when read. All adapters are opened and checked first."""
+    """Our-named lazy tensors with every adapter of ``lora`` (a file, a (file, scale) pair, or a list of
+    them) merged in when read. All adapters are opened and checked first."""
     pairs = normalize_lora(lora)
     if not pairs:
         return dict(tensors)
@@ -489,7 +554,8 @@ def fold_wrapped_checkpoint(tensors: Mapping[str, object], where: str) -> Tuple[
     for module, pair in factors.items():
         if set(pair) != {"A", "B"} or f"{module}.weight" not in plain:
             raise CheckpointError(f"{where}: {module}: its lora_A, lora_B and base_layer.weight must all be present")
-        delta = ModuleDelta(module, f"{module}.weight", None, down=pair["A"], up=pair["B"])
+        delta = ModuleDelta(module, f"{module}.weight", None, down=pair["A"], up=pair["B"],
+                            names={"down": "lora_A", "up": "lora_B"})
         problems = _shape_problems(delta, {delta.weight: tuple(plain[delta.weight].shape)})
         if problems:
             raise CheckpointError(f"{where}: " + "; ".join(problems))

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
-from anyflow.config import AnyFlowConfig, AnyFlowFARConfig
+from anyflow.config import PRESETS, AnyFlowConfig, AnyFlowFARConfig
 from anyflow.parameters import parameter_shapes
 
 from .configs import ConfigReading, read_config
@@ -38,6 +38,10 @@ WAN_PREFIX = "model.diffusion_model."
 
 LazyTensor = Union[TensorRecord, InMemoryTensor, ResampledPatchKernel, MergedTensor]
 FAR_WEIGHT = f"{COMPRESSED}.weight"
+# the widths D of the released models -> their head counts (D / 128 each): the only widths a config is inferred for
+RELEASED_HEADS = {preset.hidden_size: preset.num_attention_heads for preset in PRESETS.values()}
+HEAD_DIM = 128  # of every released model
+INFERRED = f"inferred from the tensor shapes, heads = D / {HEAD_DIM} as in the released models"
 
 
 @dataclass
@@ -55,6 +59,11 @@ class Checkpoint:
     config_file: Optional[str] = None  # the config.json read, if any (else the config was inferred from shapes)
     far_warm_start: bool = False  # a FAR model made from a bidirectional source
     folded_lora: int = 0  # modules whose LoRA factors were folded in (a PEFT-wrapped training checkpoint)
+
+    @property
+    def config_source(self) -> str:
+        """Where the config comes from: the config file read, or how it was inferred (:data:`INFERRED`)."""
+        return self.config_file or INFERRED
 
     @property
     def description(self) -> str:
@@ -172,18 +181,20 @@ def to_our_names(fmt: str, tensors: Dict[str, LazyTensor]) -> Tuple[Dict[str, La
 def infer_config(shapes: Mapping[str, Tuple[int, ...]]) -> AnyFlowConfig:
     """The config readable from our-named tensor shapes (SPEC section 3); the rest keep defaults.
 
-    Heads are taken as D / 128, the head dim of the released models. Weights with a compressed
-    patch embedding make an :class:`AnyFlowFARConfig` (chunking as released).
+    The head count is not in the shapes: it is taken as D / 128, the head dim of the released
+    models, for their widths only (:data:`RELEASED_HEADS`); any other width raises
+    :class:`CheckpointError`, as its heads could be anything (4 x 32 as well as 1 x 128).
+    Weights with a compressed patch embedding make an :class:`AnyFlowFARConfig` (chunking as released).
     """
     hidden, in_channels, pt, ph, pw = shapes["patch_embed.proj.weight"]
-    if hidden % 128:
-        raise CheckpointError(
-            f"cannot infer the head count: hidden size {hidden} is not a multiple of 128; pass --config"
-        )
+    if hidden not in RELEASED_HEADS:
+        released = ", ".join(f"{d} with {h} heads" for d, h in sorted(RELEASED_HEADS.items()))
+        raise CheckpointError(f"width {hidden} is no released model's ({released}), so its head count "
+                              "cannot be read off the shapes")
     config = dict(
         patch_size=(pt, ph, pw),
-        num_attention_heads=hidden // 128,
-        attention_head_dim=128,
+        num_attention_heads=RELEASED_HEADS[hidden],
+        attention_head_dim=HEAD_DIM,
         in_channels=in_channels,
         out_channels=shapes["head.proj.weight"][0] // (pt * ph * pw),
         text_dim=shapes["text_proj.fc_in.weight"][1],
@@ -262,7 +273,9 @@ def open_checkpoint(path: str, fmt: Optional[str] = None, config_path: Optional[
         try:
             reading = ConfigReading(infer_config({k: tuple(v.shape) for k, v in tensors.items()}), {})
         except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"{files[0]}: cannot infer the config from tensor shapes ({exc}); pass --config") from None
+            reason = f"no tensor {exc}" if isinstance(exc, KeyError) else exc
+            raise CheckpointError(f"{files[0]}: cannot infer the config from the tensor shapes: {reason}; "
+                                  f"{_how_to_give_a_config(fmt)}") from None
     config = reading.config
     if far:
         if not isinstance(config, AnyFlowFARConfig):
@@ -281,6 +294,13 @@ def open_checkpoint(path: str, fmt: Optional[str] = None, config_path: Optional[
         files = files + sorted({t.path for t in stored.values()})
     return Checkpoint(os.path.abspath(path), fmt, container, files, config, ordered, source_names,
                       reading.set_aside, config_file, far, folded)
+
+
+def _how_to_give_a_config(fmt: str) -> str:
+    """How a user gives the config of weights that have none beside them."""
+    beside = ("put its config.json beside the weights and pass their folder, or " if fmt in ("anyflow", "diffusers", "wan-diffusers")
+              else "")
+    return f"give the config: {beside}pass --config FILE to anyflow-convert (config_path= of convert and load_checkpoint)"
 
 
 def _natural_key(name: str):
