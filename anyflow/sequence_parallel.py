@@ -97,7 +97,9 @@ def gather_tokens(x: torch.Tensor, split: TokenSplit) -> torch.Tensor:
     padded = torch.zeros(most, *x.shape[:1], *x.shape[2:], dtype=x.dtype, device=x.device)
     padded[:x.shape[1]] = x.transpose(0, 1)
     gathered = x.new_empty(len(split.sizes) * most, *padded.shape[1:])
-    dist.all_gather_into_tensor(gathered, padded, group=split.group)
+    # torch 2.13 renamed all_gather_into_tensor (a deprecated alias there) to all_gather_single
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    all_gather(gathered, padded, group=split.group)
     pieces = [gathered[r * most:r * most + size] for r, size in enumerate(split.sizes)]
     return torch.cat(pieces).transpose(0, 1)
 

@@ -5,7 +5,7 @@
 A 1.3B-shaped checkpoint (random bf16 weights, written once) is loaded by one process, and by two
 under torchrun (gloo, CPU) with ``--shard-weights``, ``--sequence-parallel`` and both; each process
 runs one forward in bf16 and reports its peak RSS (above the interpreter with torch imported), the
-forward's wall time, and the bytes it sent: counted at ``all_to_all_single``, ``all_gather_into_tensor``
+forward's wall time, and the bytes it sent: counted at ``all_to_all_single``, ``all_gather_single`` (``all_gather_into_tensor`` before torch 2.13)
 and ``reduce_scatter_tensor``, against the formula
 
     FSDP:     (P - 1) / P * (bytes of the sharded weights)            all-gathered once per forward

@@ -173,6 +173,7 @@ def main() -> None:
             result = globals()[f"case_{case}"](out, mesh)
             with open(os.path.join(out, f"{case}.rank{dist.get_rank()}.json"), "w") as f:
                 json.dump(result, f)
+        dist.barrier()  # no rank closes its connections while another still uses them
     finally:
         dist.destroy_process_group()
 

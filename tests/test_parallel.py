@@ -20,7 +20,12 @@ from anyflow.cli import TINY_CHECKPOINT, TINY_FAR_CHECKPOINT
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TIMEOUT = 240  # seconds for one torchrun launch; a hang fails here
+# Every comparison here is of two different computations: 2 processes of 1 thread each (torchrun runs its ranks
+# with OMP_NUM_THREADS=1) against one process with the machine's threads, weights gathered by FSDP, tokens split
+# by Ulysses. Sums run in other orders, so fp32 results agree to rounding, not bit for bit: the project's fp32
+# bar, max|a - b| <= 1e-5 max|b| (seen: up to 2e-6).
 FP32_BAR = 1e-5
+pytestmark = pytest.mark.parallel
 
 
 def torchrun(args, cwd=ROOT):
@@ -87,8 +92,8 @@ def test_sample_under_torchrun_writes_the_one_process_file(tmp_path, checkpoint,
     run = torchrun(["-m", "anyflow", "sample", *common, *extra, "--out", str(tmp_path / "two.safetensors")])
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("wrote ") == 1 and run.stdout.count("memory: ") == 1  # rank 0 speaks, rank 0 writes
-    assert torch.equal(load_file(str(tmp_path / "one.safetensors"))["latents"],
-                       load_file(str(tmp_path / "two.safetensors"))["latents"])
+    one, two = (load_file(str(tmp_path / f"{n}.safetensors"))["latents"] for n in ("one", "two"))
+    assert one.shape == two.shape and ((two - one).abs().max() / one.abs().max()).item() <= FP32_BAR
     assert sorted(os.listdir(tmp_path)) == ["embeds.safetensors", "one.safetensors", "two.safetensors"]
 
 
