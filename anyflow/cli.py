@@ -23,7 +23,7 @@ from itertools import accumulate
 from typing import List, Optional
 
 from . import __version__
-from .interrupts import Interrupted, signals_raise_interrupted
+from .interrupts import Interrupted, exit_now, run_interruptibly, signals_raise_interrupted
 from weights_convert.names import FORMATS
 
 PROMPT_KEY = "prompt_embeds"
@@ -32,6 +32,20 @@ LATENTS_KEY = "latents"
 TINY_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")
 TINY_FAR_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_far")
 VAE_TIME_STRIDE, VAE_SPACE_STRIDE = 4, 8
+MAX_STEPS = 1000  # anyflow.sampling.MAX_STEPS: the models' timestep grid has 1000 steps
+PIXEL_RULE = ("a multiple of 16 (8 x the patch 2) for the bidirectional models, of 32 (8 x the compressed patch 4) "
+              "for the FAR ones; the checkpoint's own patches decide and are checked before it loads")
+
+
+def seed_number(text: str) -> int:
+    """``--seed``: an integer that a torch generator takes (0 to 2^64 - 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"{text} is outside 0 to 2^64 - 1 (18446744073709551615)")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--negative-embeds", metavar="FILE",
                         help=f"safetensors file with the negative prompt's embeddings under '{NEGATIVE_KEY}' "
                         "(needed when --guidance-scale > 1)")
-    sample.add_argument("--steps", type=int, default=4, help="number of steps (default 4)")
+    sample.add_argument("--steps", type=int, default=4, help=f"number of steps, 1 to {MAX_STEPS} (default 4)")
     sample.add_argument("--shift", type=float, default=5.0, help="schedule shift (default 5, as the released models)")
     sample.add_argument("--sigmas", type=float, nargs="+", metavar="SIGMA",
                         help="custom strictly decreasing base noise levels in [0, 1]; they are shifted like the "
@@ -88,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="FAR checkpoints: latent frames of each chunk, summing to (frames - 1) / 4 + 1 "
                         "(default: the checkpoint's, 1 3 3 3 3 3 3 2 for 81 frames)")
     sample.add_argument("--frames", type=int, default=81, help="video frames, 4k + 1 (default 81)")
-    sample.add_argument("--height", type=int, default=480, help="pixels, a multiple of 16 (default 480)")
-    sample.add_argument("--width", type=int, default=832, help="pixels, a multiple of 16 (default 832)")
-    sample.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    sample.add_argument("--height", type=int, default=480, help=f"pixels (default 480): {PIXEL_RULE}")
+    sample.add_argument("--width", type=int, default=832, help=f"pixels (default 832): {PIXEL_RULE}")
+    sample.add_argument("--seed", type=seed_number, default=0, help="seed of the initial noise, 0 to 2^64 - 1 (default 0)")
     sample.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="model dtype; auto = bfloat16 on CUDA, float32 on CPU")
     sample.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
@@ -99,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--sequence-parallel", action="store_true",
                         help="under torchrun: split the tokens over the processes (Ulysses; bidirectional model; the "
                         "attention heads must divide evenly)")
-    sample.add_argument("--out", required=True, metavar="FILE", help="output .safetensors file")
+    sample.add_argument("--out", required=True, metavar="FILE",
+                        help="output .safetensors file: the latents in the model's dtype (see --dtype)")
+    sample.add_argument("--max-hours", type=float, default=12.0, metavar="HOURS",
+                        help="refuse a run whose estimated compute time on this device is longer (default 12; "
+                        "0 turns the check off); the estimate is printed before the model loads")
     sample.add_argument("--force", action="store_true",
                         help="replace an existing output file (never one of the inputs)")
     sample.set_defaults(run=run_sample)
@@ -128,8 +146,16 @@ def count(n: float) -> str:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    """Describe a checkpoint or a LoRA adapter from its headers.
+
+    Paths: PATH as given, made absolute, is printed once (``path:``, or ``adapter:`` for an adapter);
+    the files read (``files:``, the config file) are printed relative to PATH when it is a folder, else
+    relative to the folder PATH is in. An adapter that loading would refuse whatever the model (half a
+    pair of factors, ranks that differ) raises ValueError, as ``sample --lora`` would.
+    """
     from collections import Counter
 
+    from weights_convert.cli import summarize
     from weights_convert.configs import describe_keys
     from weights_convert.lora import AdapterFileError, describe, open_adapter
     from weights_convert.safetensors_io import DTYPES
@@ -143,10 +169,16 @@ def run_inspect(args: argparse.Namespace) -> int:
     dtypes = Counter()
     for lazy in checkpoint.tensors.values():
         dtypes[DTYPES[lazy.dtype][1]] += lazy.nbytes
+    folder = checkpoint.path if os.path.isdir(checkpoint.path) else os.path.dirname(checkpoint.path)
+
+    def relative(path: str) -> str:
+        return os.path.relpath(os.path.abspath(path), folder)
+
+    config_source = relative(checkpoint.config_file) if checkpoint.config_file else checkpoint.config_source
     print(f"path: {checkpoint.path}")
     print(f"format: {checkpoint.description}")
-    print(f"files: {', '.join(checkpoint.files)}")
-    print(f"config: {checkpoint.config.to_dict()} ({checkpoint.config_file or 'inferred from the tensor shapes'})")
+    print(f"files: {summarize([relative(f) for f in checkpoint.files])}")
+    print(f"config: {checkpoint.config.to_dict()} ({config_source})")
     if checkpoint.config_set_aside:
         print(f"config keys set aside (they do not change this model): {describe_keys(checkpoint.config_set_aside)}")
     print(f"parameters: {checkpoint.num_parameters:,} ({count(checkpoint.num_parameters)}) in {len(checkpoint.tensors)} tensors")
@@ -194,17 +226,21 @@ def latent_shape(frames: int, height: int, width: int):
 
 
 def check_grid(config, frames: int, height: int, width: int) -> None:
-    """The patch grid of a video against the model's patch and its RoPE table, naming the argument."""
+    """The patch grid of a video against the model's patches (a FAR model's compressed one too) and
+    its RoPE table, naming the argument and the multiple that would fit."""
     limit = config.rope_max_seq_len
     _, ph, pw = config.patch_size
+    _, ch, cw = getattr(config, "compressed_patch_size", (1, ph, pw))
     latent_frames, h, w = latent_shape(frames, height, width)
-    for argument, value, size, patch, most in (
-        ("--frames", frames, latent_frames, 1, VAE_TIME_STRIDE * (limit - 1) + 1),
-        ("--height", height, h, ph, VAE_SPACE_STRIDE * ph * limit),
-        ("--width", width, w, pw, VAE_SPACE_STRIDE * pw * limit),
+    for argument, value, size, patch, compressed, most in (
+        ("--frames", frames, latent_frames, 1, 1, VAE_TIME_STRIDE * (limit - 1) + 1),
+        ("--height", height, h, ph, ch, VAE_SPACE_STRIDE * ph * limit),
+        ("--width", width, w, pw, cw, VAE_SPACE_STRIDE * pw * limit),
     ):
-        if size % patch:
-            raise ValueError(f"{argument} {value}: {size} latent pixels are not divisible by the model's patch {patch}")
+        for which, p in (("patch", patch), ("compressed patch (compressed_patch_size)", compressed)):
+            if size % p:
+                raise ValueError(f"{argument} {value}: {size} latent pixels are not divisible by the model's {which} "
+                                 f"{p}; use a multiple of {VAE_SPACE_STRIDE * math.lcm(patch, compressed)}")
         if size // patch > limit:
             raise ValueError(f"{argument} {value}: {size // patch} positions exceed the model's rope_max_seq_len={limit} "
                              f"(at most {argument} {most})")
@@ -212,25 +248,12 @@ def check_grid(config, frames: int, height: int, width: int) -> None:
 
 def resolve_device(name: Optional[str]):
     """The torch device named by --device, checked to exist here."""
-    import torch
+    from anyflow.devices import resolve_device as resolve
 
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {name}: not a device type torch knows; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: no CUDA GPU is available here (torch {torch.__version__}); use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"--device {name}: MPS is not available here; use --device cpu")
-    elif device.type != "cpu":
-        raise ValueError(f"--device {name}: {device.type} is not supported; use cpu, cuda or cuda:N")
-    return device
+        return resolve(name)
+    except ValueError as exc:  # "device 'x': why" -> "--device x: why"
+        raise ValueError(f"--device {name}: {str(exc).partition(': ')[2]}") from None
 
 
 def read_embeddings(argument: str, path: str, key: str, text_dim: int):
@@ -256,23 +279,28 @@ def read_embeddings(argument: str, path: str, key: str, text_dim: int):
 
 class ClaimedOutput:
     """The output file, claimed before the expensive part: a hidden partial file in the target folder
-    (which proves it writable), renamed onto the target when complete and removed otherwise."""
+    (which proves it writable), renamed onto the target when complete and removed otherwise. Partial
+    files that dead processes left for the same target are removed first."""
 
     def __init__(self, out: str):
+        from weights_convert.partials import partial_path, remove_stale
+
         self.out = out
-        folder, name = os.path.split(os.path.abspath(out))
-        self.partial = os.path.join(folder, f".{name}.partial-{os.getpid()}")
         try:
+            remove_stale(out)
+            self.partial = partial_path(out)
             os.close(os.open(self.partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
         except OSError as exc:
-            raise ValueError(f"--out {out}: cannot write in {folder}: {exc.strerror}") from None
+            raise ValueError(f"--out {out}: cannot write in {os.path.dirname(os.path.abspath(out))}: "
+                             f"{exc.strerror}") from None
 
     def __enter__(self) -> "ClaimedOutput":
         return self
 
     def __exit__(self, *exc) -> None:
-        if os.path.lexists(self.partial):
-            os.remove(self.partial)
+        from weights_convert.partials import discard
+
+        discard(self.partial)
 
     def commit(self, tensors, metadata) -> None:
         from weights_convert.safetensors_io import write_file
@@ -313,9 +341,14 @@ def check_sample_run(args: argparse.Namespace, processes: "Processes") -> Sample
     frames, h, w = latent_shape(args.frames, args.height, args.width)
     if not (math.isfinite(args.shift) and args.shift > 0):
         raise ValueError(f"--shift must be a positive finite number, got {args.shift}")
+    if not math.isfinite(args.guidance_scale):
+        raise ValueError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
+    if not (math.isfinite(args.max_hours) and args.max_hours >= 0):
+        raise ValueError(f"--max-hours must be a number of hours >= 0 (0: no limit), got {args.max_hours}")
 
     import torch
 
+    from anyflow.compute import duration, estimate_far_sampling_compute, estimate_sampling_compute
     from anyflow.config import AnyFlowFARConfig, check_chunk_partition
     from anyflow.memory import available_memory, estimate_far_sampling_memory, estimate_sampling_memory, gib
     from anyflow.sampling import flow_map_sigmas, steps_to_run
@@ -333,6 +366,9 @@ def check_sample_run(args: argparse.Namespace, processes: "Processes") -> Sample
 
     checkpoint = open_checkpoint(args.model)  # headers only: config and sizes before loading anything
     check_out(args.out, args.force, [("--model", f) for f in checkpoint.files + [checkpoint.config_file]])
+    if not args.out.endswith(".safetensors"):
+        raise ValueError(f"--out {args.out}: anyflow sample writes latents as a .safetensors file; name it "
+                         f"{os.path.splitext(args.out)[0]}.safetensors (scripts/encode_decode.py decodes it to a video)")
     try:
         apply_adapters(checkpoint.tensors, adapters, args.lora_skip_unknown)  # every adapter checked against the model
     except ValueError as exc:
@@ -378,6 +414,17 @@ def check_sample_run(args: argparse.Namespace, processes: "Processes") -> Sample
     if free is not None and need > free:
         raise ValueError(f"--frames {args.frames} --height {args.height} --width {args.width}: the run needs about "
                          f"{gib(need)} but {where} has {gib(free)} available; use fewer frames or pixels")
+    steps = len(steps_to_run(schedule))
+    compute = (estimate_far_sampling_compute(config, noise_shape, text_tokens, steps, partition,
+                                             0 if given is None else given.shape[1]) if far
+               else estimate_sampling_compute(config, noise_shape, text_tokens, steps, guided))
+    compute = processes.share_compute(compute, args.sequence_parallel, device, dtype, config.hidden_size)
+    processes.say(f"compute: {compute.describe()}{' per process' if processes.count > 1 else ''}")
+    if args.max_hours and compute.seconds > 3600 * args.max_hours:
+        raise ValueError(f"--frames {args.frames} --height {args.height} --width {args.width} --steps {steps}: the run "
+                         f"needs about {compute.flops:.1e} FLOPs, about {duration(compute.seconds)} on {device}, more "
+                         f"than --max-hours {args.max_hours:g}; use fewer frames, pixels or steps, or raise "
+                         "--max-hours (0 turns the check off)")
     return SampleRun(config, far, schedule, steps_to_run(schedule), device, dtype, noise_shape, text, negative, given,
                      partition, adapters)
 
@@ -421,6 +468,16 @@ class Processes:
         activations = estimate.activations // self.count if sequence_parallel else estimate.activations
         return replace(estimate, weights=weights, activations=activations)
 
+    def share_compute(self, estimate, sequence_parallel: bool, device, dtype, width: int):
+        """One process's part of a run's compute (the tokens split over the processes, or not), timed at the
+        rate of a matmul of the model's ``width`` that this process measures on ``device``."""
+        from dataclasses import replace
+
+        from anyflow.compute import measure_matmul_rate
+
+        flops = estimate.flops / self.count if sequence_parallel else estimate.flops
+        return replace(estimate, flops=flops, rate=measure_matmul_rate(device, dtype, width))
+
     def sharing_memory(self, per_process: int, device):
         """What the processes on ``device`` need together, and where: CPU processes of one machine share its memory."""
         if device.type == "cpu" and self.count > 1:
@@ -439,20 +496,28 @@ class Processes:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
-    def close(self) -> None:
+    def close(self, finished: bool) -> None:
+        """Tear the process group down. After a run every rank finished, all first meet at a barrier, so
+        that none closes its connections while another still uses them (rank 0 writing its file, say);
+        after a failure each rank leaves at once: a barrier could wait on a rank that never comes."""
         if self.count > 1:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                if finished:
+                    dist.barrier()
                 dist.destroy_process_group()
 
 
 def run_sample(args: argparse.Namespace) -> int:
     processes = Processes(args)
     try:
-        return sample_in(processes, args)
-    finally:
-        processes.close()
+        code = sample_in(processes, args)
+    except BaseException:
+        processes.close(finished=False)
+        raise
+    processes.close(finished=True)
+    return code
 
 
 def sample_in(processes: Processes, args: argparse.Namespace) -> int:
@@ -506,7 +571,7 @@ def sample_in(processes: Processes, args: argparse.Namespace) -> int:
             latents = sample(model, noise, text, guidance_scale=args.guidance_scale,
                              negative_encoder_hidden_states=negative, **common,
                              callback=lambda i, t, z: progress.step("", t, 1000 * schedule[i + 1].item()))
-        latents = latents.float().transpose(1, 2).contiguous().cpu()  # diffusers layout (B, C, F, H, W)
+        latents = latents.transpose(1, 2).contiguous().cpu()  # diffusers layout (B, C, F, H, W), the model's dtype
         if output is not None:
             metadata = {"steps": str(len(steps)), "sigmas": json.dumps([round(s, 6) for s in schedule.tolist()]),
                         "shift": str(args.shift), "seed": str(args.seed), "guidance_scale": str(args.guidance_scale),
@@ -515,7 +580,7 @@ def sample_in(processes: Processes, args: argparse.Namespace) -> int:
             if run.far:
                 metadata["chunk_partition"] = json.dumps(list(partition))
             output.commit([(LATENTS_KEY, latents)], metadata)
-    processes.say(f"wrote {args.out}: '{LATENTS_KEY}' {tuple(latents.shape)} float32 (B, C, F, H, W) after "
+    processes.say(f"wrote {args.out}: '{LATENTS_KEY}' {tuple(latents.shape)} {str(latents.dtype).replace('torch.', '')} (B, C, F, H, W) after "
                   f"{len(steps)} step(s)" + (f" in each of {len(chunks)} chunk(s)" if run.far else ""))
     return 0
 
@@ -626,15 +691,19 @@ def demo_checkpoint(kind: str, folder: str) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from weights_convert.partials import remove_registered
+
     args = build_parser().parse_args(argv)
     try:
         with signals_raise_interrupted():
-            return args.run(args)
+            return run_interruptibly(lambda: args.run(args), cleanup=remove_registered)
     except (ValueError, OSError) as exc:  # CheckpointError and KeyMismatchError are ValueErrors
         print(f"anyflow {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except Interrupted as stop:
         print(f"anyflow {args.command}: interrupted ({stop}); nothing was written", file=sys.stderr)
+        if stop.abandoned:
+            exit_now(stop.exit_code)
         return stop.exit_code
 
 

@@ -21,6 +21,7 @@ from .attention import KeyValue
 from .block import DiTBlock, modulate, modulation_table
 from .config import AnyFlowConfig, AnyFlowFARConfig
 from .context import ImageProjection, TextProjection
+from .devices import resolve_device
 from .layout import Segment, TokenPlan
 from .linear import Linear
 from .parameters import DTYPE_NAMES, is_fp32_island
@@ -155,6 +156,7 @@ class AnyFlowBackbone(nn.Module):
         """
         from weights_convert import load_checkpoint  # reads every layout into (config, tensors under our names)
 
+        device = resolve_device(device)
         config, state_dict = load_checkpoint(path, dtype=dtype, device=device, lora=lora,
                                              lora_skip_unknown=lora_skip_unknown)
         cls.check_config(config, path)

@@ -27,6 +27,7 @@ from typing import Optional, Sequence, Tuple, Type, Union
 import torch
 import torch.distributed as dist
 
+from .devices import resolve_device
 from .far import AnyFlowFARTransformer3DModel
 from .model import AnyFlowBackbone
 from .parameters import DTYPE_NAMES, is_fp32_island
@@ -97,6 +98,7 @@ def load_parallel(
     from weights_convert.safetensors_io import torch_dtype
     from weights_convert.sources import open_checkpoint
 
+    device = None if device is None else resolve_device(device)
     checkpoint = open_checkpoint(path)  # headers only; every tensor is read below, rows at a time
     checkpoint.tensors = apply_adapters(checkpoint.tensors, lora, lora_skip_unknown)
     model_class.check_config(checkpoint.config, path)

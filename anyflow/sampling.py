@@ -17,10 +17,11 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .config import check_chunk_partition
+from .config import AnyFlowFARConfig, check_chunk_partition
 from .model import PreparedContext
 
 TRAIN_TIMESTEPS = 1000
+MAX_STEPS = TRAIN_TIMESTEPS  # the timestep grid the models were trained on: finer schedules add nothing
 Context = Union[torch.Tensor, PreparedContext]
 
 
@@ -30,18 +31,21 @@ def flow_map_sigmas(num_steps: int = 4, shift: float = 5.0, sigmas: Optional[Seq
     Without ``sigmas`` the base levels are ``linspace(1, 0, N + 1)[:N]``; either way they are
     shifted, ``shift * s / (1 + (shift - 1) * s)``, and a 0 is appended. ``sigmas`` must be
     strictly decreasing and inside [0, 1]; it sets N. A schedule in which no step would run
-    (``sigmas=[0.0]``) is refused.
+    (``sigmas=[0.0]``) is refused, and so is one of more than ``MAX_STEPS`` (1000) steps.
     """
     if not (isinstance(shift, numbers.Real) and math.isfinite(shift) and shift > 0):
         raise ValueError(f"shift must be a positive finite number, got {shift!r}")
     if sigmas is None:
-        if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
-            raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or not 1 <= num_steps <= MAX_STEPS:
+            raise ValueError(f"num_steps must be an int from 1 to {MAX_STEPS} (the models' timestep grid), "
+                             f"got {num_steps!r}")
         base = torch.linspace(1.0, 0.0, int(num_steps) + 1, dtype=torch.float64)[:-1]
     else:
         base = torch.as_tensor(list(sigmas), dtype=torch.float64)
         if base.dim() != 1 or base.numel() == 0:
             raise ValueError(f"sigmas must be a non-empty list of numbers, got {sigmas!r}")
+        if base.numel() > MAX_STEPS:
+            raise ValueError(f"sigmas gives {base.numel()} steps; at most {MAX_STEPS} (the models' timestep grid)")
         if not torch.isfinite(base).all() or (base < 0).any() or (base > 1).any():
             raise ValueError(f"sigmas must lie in [0, 1], got {base.tolist()}")
         if (base[1:] >= base[:-1]).any():
@@ -101,11 +105,15 @@ def sample(
             ``step_index`` counting the schedule's steps (see :func:`steps_to_run`).
 
     Returns:
-        The latents (B, F, C, H, W) in the model's dtype.
+        The latents (B, F, C, H, W) in the model's dtype, as diffusers' pipelines return them with
+        ``output_type="latent"`` (``anyflow sample`` stores them so too).
     """
+    _check_model(model, far=False)
     schedule = flow_map_sigmas(num_steps, shift, sigmas)
     guided = _check_guidance(guidance_scale, encoder_hidden_states, negative_encoder_hidden_states)
     _check_sampling_inputs(model, noise, encoder_hidden_states, context_latents)
+    _check_finite(noise=noise, encoder_hidden_states=encoder_hidden_states, context_latents=context_latents,
+                  negative_encoder_hidden_states=negative_encoder_hidden_states if guided else None)
 
     device, dtype = model.device, model.dtype
     latents = noise.to(device=device, dtype=dtype, copy=True)  # never write into the caller's noise
@@ -139,6 +147,27 @@ def sample(
     if given:
         latents[:, :given] = context_latents
     return latents
+
+
+def _check_model(model, far: bool) -> None:
+    """The model kind each sampler runs: the FAR model has its own, chunk by chunk."""
+    config = getattr(model, "config", None)
+    if not hasattr(model, "prepare_context") or config is None:
+        raise ValueError(f"model must be an AnyFlow transformer, got a {type(model).__name__}")
+    if far and not isinstance(config, AnyFlowFARConfig):
+        raise ValueError(f"sample_far runs an AnyFlow FAR model (AnyFlowFARTransformer3DModel); this is a "
+                         f"bidirectional {type(model).__name__}: use sample")
+    if not far and isinstance(config, AnyFlowFARConfig):
+        raise ValueError(f"sample runs the bidirectional model; this is an AnyFlow FAR model "
+                         f"({type(model).__name__}): use sample_far")
+
+
+def _check_finite(**inputs) -> None:
+    """Once per call: a NaN or infinity in an input would make every latent NaN without a word."""
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            bad = (~torch.isfinite(value)).sum().item()
+            raise ValueError(f"{name} has {bad} NaN or infinite values (of {value.numel()})")
 
 
 def _check_guidance(scale, positive, negative) -> bool:
@@ -236,8 +265,9 @@ def sample_far(
             re-encodes every frame made so far after each chunk, as the reference does (same result).
 
     Returns:
-        The latents (B, F, C, H, W) in the model's dtype.
+        The latents (B, F, C, H, W) in the model's dtype (all frames, the given ones included).
     """
+    _check_model(model, far=True)
     schedule = flow_map_sigmas(num_steps, shift, sigmas)
     steps = steps_to_run(schedule)
     cfg = model.config
@@ -248,6 +278,7 @@ def sample_far(
     partition = check_chunk_partition(cfg.chunk_partition if chunk_partition is None else chunk_partition, frames)
     ends = [sum(partition[:i + 1]) for i in range(len(partition))]
     given = check_given_frames(context_latents, tuple(noise.shape), partition)
+    _check_finite(noise=noise, encoder_hidden_states=encoder_hidden_states, context_latents=context_latents)
 
     device, dtype = model.device, model.dtype
     latents = noise.to(device=device, dtype=dtype, copy=True)  # never write into the caller's noise

@@ -147,31 +147,16 @@ NO_CUDA = not torch.cuda.is_available()
 SAMPLE_ERRORS = {
     "frames not 4k+1": ({"--frames": "10"}, [], r"--frames must be 4k \+ 1"),
     "height": ({"--height": "72"}, [], r"--height must be a positive multiple of 16"),
-    "zero steps": ({"--steps": "0"}, [], r"--steps: num_steps must be an int >= 1"),
-    "sigmas without a step": ({}, ["--sigmas", "0.0"], r"--sigmas: sigmas \[0.0\] give no step"),
-    "shift": ({"--shift": "0"}, [], r"--shift must be a positive finite number, got 0.0"),
-    "guidance without negative": ({"--guidance-scale": "2"}, [], r"--guidance-scale 2.0 needs --negative-embeds"),
-    "wrong key": ({"--prompt-embeds": "{wrong_key}"}, [], r"--prompt-embeds .*wrong_key.safetensors: no tensor under the key 'prompt_embeds'"),
-    "nan": ({"--prompt-embeds": "{nan}"}, [], r"--prompt-embeds .*nan.safetensors: 'prompt_embeds' has 3 NaN or infinite values"),
-    "inf negative": ({"--guidance-scale": "3", "--negative-embeds": "{inf_negative}"}, [],
-                     r"--negative-embeds .*inf.safetensors: 'negative_prompt_embeds' has 1 NaN or infinite values"),
-    "no tokens": ({"--prompt-embeds": "{no_tokens}"}, [], r"'prompt_embeds' of shape \(1, 0, 4096\) holds no token"),
-    "text width": ({"--prompt-embeds": "{narrow}"}, [], r"'prompt_embeds' is torch.float32 \(1, 6, 24\); expected floats \(B, S, 4096\)"),
-    "missing model": ({"--model": "{missing}"}, [], r"nope: no such file or directory"),
-    "device tpu": ({"--device": "tpu"}, [], r"--device tpu: not a device type torch knows"),
-    "device cuda": ({"--device": "cuda" if NO_CUDA else "cuda:99"}, [],
-                    r"--device cuda: no CUDA GPU is available here" if NO_CUDA else r"--device cuda:99: there are only"),
-    "beyond the rope table": ({"--frames": "100001"}, [],
-                              r"--frames 100001: 25001 positions exceed the model's rope_max_seq_len=1024 \(at most --frames 4093\)"),
-    "more than memory": ({"--frames": "81", "--height": "16384", "--width": "16384"}, [],
-                         r"--frames 81 --height 16384 --width 16384: the run needs about .* GiB but cpu has 8.0 GiB available"),
-    "out in a missing folder": ({"--out": "{missing}/o.safetensors"}, [], r"--out .*nope/o.safetensors: the folder .*nope does not exist"),
-    "out is a folder": ({"--out": "{folder}"}, ["--force"], r"--out .*a_folder: is a folder; give a file name"),
-    "out read-only": ({"--out": "{read_only}/o.safetensors"}, [], r"--out .*read_only/o.safetensors: cannot write in .*read_only"),
-    "out exists": ({"--out": "{tmp}/existing.safetensors"}, [], r"--out .*existing.safetensors: already exists; pass --force"),
-    "out is the embeddings": ({"--out": "{embeds}"}, ["--force"], r"--out .*embeds.safetensors: is the input --prompt-embeds"),
-    "out inside the model": ({"--model": "{model}", "--out": "{model}/transformer/o.safetensors"}, ["--force"],
-                             r"--out .*model/transformer/o.safetensors: is inside the input --model"),
+    "zero steps": ({"--steps": "0"}, [], r"--steps: num_steps must be an int from 1 to 1000"),
+    "steps beyond the timestep grid": ({"--steps": "100000000"}, [], r"--steps: num_steps must be an int from 1 to 1000 "
+                                       r"\(the models' timestep grid\), got 100000000"),
+    "guidance NaN": ({"--guidance-scale": "nan"}, [], r"--guidance-scale must be a finite number, got nan"),
+    "max hours": ({"--max-hours": "-1"}, [], r"--max-hours must be a number of hours >= 0 \(0: no limit\), got -1.0"),
+    "out not safetensors": ({"--out": "out.mp4"}, [], r"--out out.mp4: anyflow sample writes latents as a .safetensors "
+                            r"file; name it out.safetensors \(scripts/encode_decode.py decodes it to a video\)"),
+    "FAR compressed patch": ({"--model": TINY_FAR_CHECKPOINT, "--frames": "25", "--height": "48", "--width": "80"}, [],
+                             r"--height 48: 6 latent pixels are not divisible by the model's compressed patch "
+                             r"\(compressed_patch_size\) 4; use a multiple of 32"),
     "out is the model's config": ({"--model": "{model}/transformer/diffusion_pytorch_model.safetensors",
                                    "--out": "{model}/transformer/config.json"}, ["--force"],
                                   r"--out .*config.json: is the input --model"),
@@ -360,3 +345,107 @@ def test_chunk_partition_on_a_bidirectional_checkpoint_is_refused(tmp_path, embe
             "--width", "64", "--chunk-partition", "3", "--out", str(tmp_path / "o.safetensors"), "--device", "cpu"]
     assert main(args) == 1
     assert "--chunk-partition: " in capsys.readouterr().err and not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999999", "-1", "1.5"])
+def test_a_seed_torch_cannot_take_is_refused_by_the_parser(capsys, seed):
+    with pytest.raises(SystemExit) as exit:
+        main(["sample", "--model", TINY_CHECKPOINT, "--prompt-embeds", "e.safetensors", "--seed", seed, "--out", "o.safetensors"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(r"argument --seed: (.* is outside 0 to 2\^64 - 1|'1.5' is not an integer)", err), err
+
+
+def test_help_states_the_pixel_multiples_and_the_compute_limit(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "a multiple of 16 (8 x the patch 2) for the bidirectional models, of 32 (8 x the compressed patch 4) for the FAR" in text
+    assert "--max-hours HOURS" in text and "number of steps, 1 to 1000" in text
+
+
+def test_the_compute_cost_is_stated_and_an_absurd_run_refused_before_loading(tmp_path, embeddings, capsys, monkeypatch):
+    import anyflow.compute
+
+    def stop_at_loading(*args, **kwargs):
+        raise ValueError("stopped where the model would load")
+
+    monkeypatch.setattr(anyflow.compute, "measure_matmul_rate", lambda device, dtype, width: 1e9)  # 1 GFLOP/s
+    monkeypatch.setattr(AnyFlowTransformer3DModel, "from_pretrained", stop_at_loading)
+    args = ["sample", "--model", TINY_CHECKPOINT, "--prompt-embeds", str(embeddings), "--frames", "2001", "--height",
+            "512", "--width", "512", "--device", "cpu", "--out", str(tmp_path / "o.safetensors")]
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    config = json.loads(open(os.path.join(TINY_CHECKPOINT, "transformer", "config.json")).read())
+    d, f, layers = config["num_attention_heads"] * config["attention_head_dim"], config["ffn_dim"], config["num_layers"]
+    tokens, text = 501 * 32 * 32, load_file(str(embeddings))["prompt_embeds"].shape[1]
+    # 4 forwards; per block: the linear layers, self-attention over every token, cross-attention, the context K/V
+    flops = 4 * layers * (tokens * (2 * (6 * d * d + 2 * d * f) + 4 * tokens * d + 4 * text * d) + 4 * text * d * d)
+    hours = f"{flops / 1e9 / 3600:,.1f} h"
+    assert f"compute: 513,024 tokens, 4 forward pass(es), about {flops:.1e} FLOPs, about {hours} at the 1 GFLOP/s " \
+           "measured here\n" in captured.out, captured.out
+    assert captured.err.strip() == (
+        f"anyflow sample: error: --frames 2001 --height 512 --width 512 --steps 4: the run needs about {flops:.1e} FLOPs, "
+        f"about {hours} on cpu, more than --max-hours 12; use fewer frames, pixels or steps, or raise --max-hours (0 turns "
+        "the check off)")
+    assert main(args + ["--max-hours", "0"]) == 1
+    assert "stopped where the model would load" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["embeds.safetensors"]
+
+
+def test_ctrl_c_ends_a_run_inside_one_long_native_call_within_seconds(tmp_path, embeddings):
+    """One attention over 102,400 tokens runs for minutes in one native call; Ctrl-C must not wait for it."""
+    log = tmp_path / "log.txt"
+    command = [sys.executable, "-m", "anyflow", "sample", "--model", TINY_CHECKPOINT, "--prompt-embeds", str(embeddings),
+               "--frames", "97", "--height", "1024", "--width", "1024", "--max-hours", "0", "--device", "cpu",
+               "--out", str(tmp_path / "o.safetensors")]
+    with open(log, "w") as stdout:
+        process = subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while "loaded " not in log.read_text() and time.time() < deadline and process.poll() is None:
+            time.sleep(0.05)
+        time.sleep(1.0)  # inside the first step's attention
+        assert process.poll() is None, log.read_text()
+        sent = time.time()
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    assert time.time() - sent < 15
+    assert process.returncode == 130 and err.strip() == "anyflow sample: interrupted (SIGINT); nothing was written", err
+    assert sorted(os.listdir(tmp_path)) == ["embeds.safetensors", "log.txt"]
+
+
+def test_partials_of_dead_processes_are_removed_and_live_or_foreign_ones_kept(tmp_path, embeddings):
+    from weights_convert.partials import _host
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "o.safetensors"
+    left = {f".o.safetensors.partial-{_host()}-{dead.pid}": "killed: removed",
+            f".o.safetensors.partial-{dead.pid}": "an earlier version's name: removed",
+            f".o.safetensors.partial-{_host()}-{os.getppid()}": "a live process: kept",
+            f".o.safetensors.partial-otherhost-{dead.pid}": "another host sharing the folder: kept"}
+    for name in left:
+        (tmp_path / name).write_bytes(b"")
+    assert main(["sample", "--model", TINY_CHECKPOINT, "--prompt-embeds", str(embeddings), "--frames", "5", "--height",
+                 "32", "--width", "32", "--steps", "1", "--device", "cpu", "--out", str(out)]) == 0
+    kept = {name for name, why in left.items() if why.endswith("kept")}
+    assert set(os.listdir(tmp_path)) == {"embeds.safetensors", "o.safetensors"} | kept
+
+
+def test_the_file_holds_the_latents_in_the_models_dtype_as_sample_returns_them(tmp_path, embeddings):
+    out = tmp_path / "o.safetensors"
+    assert main(["sample", "--model", TINY_CHECKPOINT, "--prompt-embeds", str(embeddings), "--frames", "5", "--height",
+                 "32", "--width", "32", "--steps", "2", "--dtype", "bfloat16", "--device", "cpu", "--out", str(out)]) == 0
+    model = AnyFlowTransformer3DModel.from_pretrained(TINY_CHECKPOINT, dtype="bfloat16")
+    noise = torch.randn(1, 2, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    expected = sample(model, noise, load_file(str(embeddings))["prompt_embeds"], num_steps=2)
+    stored = load_file(str(out))["latents"]
+    assert stored.dtype == expected.dtype == torch.bfloat16
+    assert torch.equal(stored, expected.transpose(1, 2))  # the same computation in this process: bit for bit
+
+
+def test_a_device_torch_does_not_know_is_named_in_one_line():
+    with pytest.raises(ValueError, match=r"^device 'gpu': not a device type torch knows; use 'cpu', 'cuda' or 'cuda:N'$"):
+        AnyFlowTransformer3DModel.from_pretrained(TINY_CHECKPOINT, device="gpu")
+    with pytest.raises(ValueError, match=r"^device 'xla': xla is not supported; use 'cpu', 'cuda' or 'cuda:N'$"):
+        AnyFlowTransformer3DModel.from_pretrained(TINY_CHECKPOINT, device="xla")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anyflow import flow_map_sigmas, sample
+from anyflow import flow_map_sigmas, sample, sample_far
 from anyflow.sampling import steps_to_run
 
 from conftest import oracle_and_ours, randomize_, small_config
@@ -107,8 +107,16 @@ def tiny_model():
 
 
 BAD = {
-    "zero steps": (dict(num_steps=0), r"num_steps must be an int >= 1, got 0"),
-    "float steps": (dict(num_steps=2.5), r"num_steps must be an int >= 1, got 2.5"),
+    "zero steps": (dict(num_steps=0), r"num_steps must be an int from 1 to 1000 \(the models' timestep grid\), got 0"),
+    "float steps": (dict(num_steps=2.5), r"num_steps must be an int from 1 to 1000 .*, got 2.5"),
+    "too many steps": (dict(num_steps=100_000_000), r"num_steps must be an int from 1 to 1000 .*, got 100000000"),
+    "too many sigmas": (dict(sigmas=[1 - i / 2000 for i in range(1001)]), r"sigmas gives 1001 steps; at most 1000"),
+    "NaN noise": (dict(noise=torch.full((1, 3, 4, 8, 8), float("nan"))), r"noise has 768 NaN or infinite values"),
+    "NaN text": (dict(text=torch.tensor(float("inf")).expand(1, 5, 24)), r"encoder_hidden_states has 120 NaN"),
+    "NaN negative": (dict(guidance_scale=3.0, negative_encoder_hidden_states=torch.full((1, 5, 24), float("nan"))),
+                     r"negative_encoder_hidden_states has 120 NaN or infinite values"),
+    "NaN context latents": (dict(context_latents=torch.full((1, 1, 4, 8, 8), float("nan"))),
+                            r"context_latents has 256 NaN or infinite values"),
     "increasing sigmas": (dict(sigmas=[0.5, 0.8]), r"sigmas must be strictly decreasing, got \[0.5, 0.8\]"),
     "repeated sigmas": (dict(sigmas=[0.5, 0.5]), r"strictly decreasing"),
     "sigma above 1": (dict(sigmas=[1.5, 0.2]), r"sigmas must lie in \[0, 1\], got \[1.5, 0.2\]"),
@@ -183,3 +191,23 @@ def test_a_last_step_from_zero_to_zero_is_skipped_and_not_counted(tiny_model):
     out = sample(tiny_model, noise, text, sigmas=[1.0, 0.5, 0.0], callback=lambda i, t, z: seen.append(i))
     assert seen == [0, 1]
     assert torch.equal(out, sample(tiny_model, noise, text, sigmas=[1.0, 0.5]))
+
+
+def test_each_sampler_refuses_the_other_model_kind_in_one_line(tiny_model):
+    from anyflow import AnyFlowFARTransformer3DModel
+    from anyflow.cli import TINY_FAR_CHECKPOINT
+
+    far = AnyFlowFARTransformer3DModel.from_pretrained(TINY_FAR_CHECKPOINT)
+    text = torch.zeros(1, 5, 4096)
+    with pytest.raises(ValueError, match=r"^sample runs the bidirectional model; this is an AnyFlow FAR model "
+                       r"\(AnyFlowFARTransformer3DModel\): use sample_far$"):
+        sample(far, torch.zeros(1, 7, 16, 16, 16), text)
+    with pytest.raises(ValueError, match=r"^sample_far runs an AnyFlow FAR model \(AnyFlowFARTransformer3DModel\); "
+                       r"this is a bidirectional AnyFlowTransformer3DModel: use sample$"):
+        sample_far(tiny_model, torch.zeros(1, 3, 4, 8, 8), torch.zeros(1, 5, 24))
+    with pytest.raises(ValueError, match=r"^model must be an AnyFlow transformer, got a Linear$"):
+        sample(torch.nn.Linear(2, 2), torch.zeros(1, 3, 4, 8, 8), torch.zeros(1, 5, 24))
+    with pytest.raises(ValueError, match=r"^noise has 1 NaN or infinite values \(of 28672\)$"):
+        noise = torch.zeros(1, 7, 16, 16, 16)
+        noise[0, 3, 2, 1, 1] = float("nan")
+        sample_far(far, noise, text)
