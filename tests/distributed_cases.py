@@ -176,6 +176,10 @@ def main() -> None:
         dist.barrier()  # no rank closes its connections while another still uses them
     finally:
         dist.destroy_process_group()
+    # skip the interpreter's teardown, which can abort a rank after its work (see anyflow.cli.main)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
