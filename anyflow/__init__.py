@@ -26,6 +26,7 @@ _EXPORTS = {
     "sample": "sampling",
     "sample_far": "sampling",
     "flow_map_sigmas": "sampling",
+    "VideoPipeline": "pipeline",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -24,6 +24,7 @@ from typing import List, Optional
 
 from . import __version__
 from .interrupts import Interrupted, exit_now, run_interruptibly, signals_raise_interrupted
+from .video_shape import check_grid, latent_shape
 from weights_convert.names import FORMATS
 
 PROMPT_KEY = "prompt_embeds"
@@ -31,7 +32,6 @@ NEGATIVE_KEY = "negative_prompt_embeds"
 LATENTS_KEY = "latents"
 TINY_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")
 TINY_FAR_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_far")
-VAE_TIME_STRIDE, VAE_SPACE_STRIDE = 4, 8
 MAX_STEPS = 1000  # anyflow.sampling.MAX_STEPS: the models' timestep grid has 1000 steps
 PIXEL_RULE = ("a multiple of 16 (8 x the patch 2) for the bidirectional models, of 32 (8 x the compressed patch 4) "
               "for the FAR ones; the checkpoint's own patches decide and are checked before it loads")
@@ -66,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"Sample video latents. The embeddings file is a safetensors file holding UMT5 embeddings "
         f"(B, S, 4096) under the key '{PROMPT_KEY}' (the negative file: '{NEGATIVE_KEY}'; it may be the same "
         f"file). The output safetensors file holds the latents under '{LATENTS_KEY}' in the diffusers layout "
-        "(B, C, F, H/8, W/8) that the Wan VAE decodes (see scripts/encode_decode.py). A FAR (frame-autoregressive) "
-        "checkpoint generates chunk by chunk. Every argument is checked, and the memory the run needs "
-        "estimated, before the model is loaded.",
+        "(B, C, F, H/8, W/8) that the Wan VAE decodes (scripts/encode_decode.py decode; anyflow generate goes "
+        "from a prompt to a video). A FAR (frame-autoregressive) checkpoint generates chunk by chunk. Every "
+        "argument is checked, and the memory and compute the run needs estimated, before the model is loaded.",
     )
     sample.add_argument("--model", required=True, metavar="PATH",
                         help="checkpoint: our layout, a Hub snapshot or its transformer/ folder, a .safetensors, "
@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--force", action="store_true",
                         help="replace an existing output file (never one of the inputs)")
     sample.set_defaults(run=run_sample)
+
+    from .cli_generate import add_generate_command
+
+    add_generate_command(commands)
 
     inspect = commands.add_parser("inspect", help="describe a checkpoint or a LoRA adapter from its headers",
                                   description="Describe a checkpoint from its headers: format, files, config "
@@ -184,7 +188,42 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"parameters: {checkpoint.num_parameters:,} ({count(checkpoint.num_parameters)}) in {len(checkpoint.tensors)} tensors")
     print(f"dtypes: {', '.join(f'{d} {n / 1e6:.1f} MB' for d, n in sorted(dtypes.items()))}")
     print(f"bytes: {checkpoint.nbytes:,}")
+    if os.path.isfile(os.path.join(args.path, "model_index.json")):
+        components = describe_components(args.path)
+        print(f"components: {len(components)} folder(s)")
+        for line in components:
+            print(f"  {line}")
     return 0
+
+
+def describe_components(root: str) -> List[str]:
+    """One line per component folder of a pipeline snapshot: its class, files, bytes and dtypes (headers only)."""
+    from collections import Counter
+
+    from weights_convert.safetensors_io import DTYPES, read_header
+
+    lines = []
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        if not os.path.isdir(folder) or name.startswith("."):
+            continue
+        files = sorted(os.listdir(folder))
+        config = next((os.path.join(folder, f) for f in ("config.json", "scheduler_config.json", "tokenizer_config.json")
+                       if f in files), None)
+        kind = ""
+        if config:
+            with open(config) as f:
+                data = json.load(f)
+            kind = data.get("_class_name") or (data.get("architectures") or [data.get("tokenizer_class", "")])[0]
+        dtypes = Counter()
+        for file in files:
+            if file.endswith(".safetensors"):
+                for record in read_header(os.path.join(folder, file))[0].values():
+                    dtypes[DTYPES[record.dtype][1]] += record.nbytes
+        size = sum(os.path.getsize(os.path.join(folder, f)) for f in files if os.path.isfile(os.path.join(folder, f)))
+        weights = f"; {', '.join(f'{d} {n / 1e6:,.1f} MB' for d, n in sorted(dtypes.items()))}" if dtypes else ""
+        lines.append(f"{name + '/':<14} {kind or '-'}: {len(files)} file(s), {size / 1e6:,.1f} MB{weights}")
+    return lines
 
 
 def same_file(a: str, b: str) -> bool:
@@ -215,35 +254,7 @@ def check_out(out: str, force: bool, inputs: List[tuple]) -> None:
         raise ValueError(f"--out {out}: already exists; pass --force to replace it")
 
 
-def latent_shape(frames: int, height: int, width: int):
-    """(F, H/8, W/8) of the Wan VAE latents for a video, with errors naming the argument."""
-    if frames < 1 or (frames - 1) % VAE_TIME_STRIDE:
-        raise ValueError(f"--frames must be 4k + 1 (the Wan VAE compresses time by 4), got {frames}")
-    for name, value in (("--height", height), ("--width", width)):
-        if value < 16 or value % 16:
-            raise ValueError(f"{name} must be a positive multiple of 16 (VAE stride 8 x patch 2), got {value}")
-    return (frames - 1) // VAE_TIME_STRIDE + 1, height // VAE_SPACE_STRIDE, width // VAE_SPACE_STRIDE
-
-
-def check_grid(config, frames: int, height: int, width: int) -> None:
-    """The patch grid of a video against the model's patches (a FAR model's compressed one too) and
-    its RoPE table, naming the argument and the multiple that would fit."""
-    limit = config.rope_max_seq_len
-    _, ph, pw = config.patch_size
-    _, ch, cw = getattr(config, "compressed_patch_size", (1, ph, pw))
-    latent_frames, h, w = latent_shape(frames, height, width)
-    for argument, value, size, patch, compressed, most in (
-        ("--frames", frames, latent_frames, 1, 1, VAE_TIME_STRIDE * (limit - 1) + 1),
-        ("--height", height, h, ph, ch, VAE_SPACE_STRIDE * ph * limit),
-        ("--width", width, w, pw, cw, VAE_SPACE_STRIDE * pw * limit),
-    ):
-        for which, p in (("patch", patch), ("compressed patch (compressed_patch_size)", compressed)):
-            if size % p:
-                raise ValueError(f"{argument} {value}: {size} latent pixels are not divisible by the model's {which} "
-                                 f"{p}; use a multiple of {VAE_SPACE_STRIDE * math.lcm(patch, compressed)}")
-        if size // patch > limit:
-            raise ValueError(f"{argument} {value}: {size // patch} positions exceed the model's rope_max_seq_len={limit} "
-                             f"(at most {argument} {most})")
+CLI_NAMES = ("--frames", "--height", "--width")
 
 
 def resolve_device(name: Optional[str]):
@@ -306,6 +317,10 @@ class ClaimedOutput:
         from weights_convert.safetensors_io import write_file
 
         write_file(self.partial, tensors, metadata)
+        self.finish()
+
+    def finish(self) -> None:
+        """The partial file, complete, renamed onto the target."""
         os.replace(self.partial, self.out)
 
 
@@ -338,7 +353,7 @@ def check_sample_run(args: argparse.Namespace, processes: "Processes") -> Sample
     inputs = [("--prompt-embeds", args.prompt_embeds), ("--negative-embeds", args.negative_embeds),
               ("--context-latents", args.context_latents), ("--model", args.model)]
     check_out(args.out, args.force, inputs + [("--lora", path) for path, _ in adapters])
-    frames, h, w = latent_shape(args.frames, args.height, args.width)
+    frames, h, w = latent_shape(args.frames, args.height, args.width, CLI_NAMES)
     if not (math.isfinite(args.shift) and args.shift > 0):
         raise ValueError(f"--shift must be a positive finite number, got {args.shift}")
     if not math.isfinite(args.guidance_scale):
@@ -368,7 +383,7 @@ def check_sample_run(args: argparse.Namespace, processes: "Processes") -> Sample
     check_out(args.out, args.force, [("--model", f) for f in checkpoint.files + [checkpoint.config_file]])
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"--out {args.out}: anyflow sample writes latents as a .safetensors file; name it "
-                         f"{os.path.splitext(args.out)[0]}.safetensors (scripts/encode_decode.py decodes it to a video)")
+                         f"{os.path.splitext(args.out)[0]}.safetensors; for a video, use anyflow generate")
     try:
         apply_adapters(checkpoint.tensors, adapters, args.lora_skip_unknown)  # every adapter checked against the model
     except ValueError as exc:
@@ -377,7 +392,7 @@ def check_sample_run(args: argparse.Namespace, processes: "Processes") -> Sample
     far = isinstance(config, AnyFlowFARConfig)
     if far and args.sequence_parallel:
         raise ValueError("--sequence-parallel: the FAR model runs over several processes with --shard-weights only")
-    check_grid(config, args.frames, args.height, args.width)
+    check_grid(config, args.frames, args.height, args.width, CLI_NAMES)
     guided = args.guidance_scale > 1
     partition = None
     if far:

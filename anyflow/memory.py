@@ -161,3 +161,57 @@ def _cgroup_headroom() -> Optional[int]:
             return max(int(limit) - int(f.read().strip()), 0)
     except (OSError, ValueError):
         return None
+
+
+# The Wan VAE decoder's peak while it decodes one latent frame into 4 video frames, per output pixel
+# and frame, in float32: its full-resolution stage holds several (base_dim, 4, H, W) tensors and the
+# causal caches (measured: scripts/bench_vae.py).
+VAE_DECODE_BYTES_PER_PIXEL_AND_CHANNEL = 24
+
+
+@dataclass(frozen=True)
+class StagedMemory:
+    """Bytes held through a whole ``generate`` run (``held``) and what each stage adds while it runs."""
+
+    held: Tuple[Tuple[str, int], ...]
+    stages: Tuple[Tuple[str, int], ...]
+
+    @property
+    def peak_stage(self) -> str:
+        return max(self.stages, key=lambda item: item[1])[0]
+
+    @property
+    def peak(self) -> int:
+        return sum(n for _, n in self.held) + max(n for _, n in self.stages)
+
+    def describe(self) -> str:
+        held = ", ".join(f"{name} {gib(n)}" for name, n in self.held)
+        stages = ", ".join(f"{name} +{gib(n)}" for name, n in self.stages)
+        return f"about {gib(self.peak)} at the peak ({self.peak_stage}): {held} held; {stages}"
+
+
+def estimate_generation_memory(
+    sampling: MemoryEstimate,
+    vae_weight_bytes: int,
+    vae_base_dim: int,
+    text_block_bytes: int,
+    text_width: int,
+    text_ffn_width: int,
+    text_heads: int,
+    height: int,
+    width: int,
+    batch: int = 1,
+    text_tokens: int = 512,
+) -> StagedMemory:
+    """The stages of a prompt-to-video run: the transformer and the VAE stay loaded throughout; the text
+    encoder streams one block at a time (its weights, the embedding rows of the prompt, its activations);
+    sampling adds what :func:`estimate_sampling_memory` counts besides the weights; decoding adds one
+    latent frame's worth of the VAE decoder and the decoded frames of a chunk."""
+    text_activations = batch * text_tokens * (8 * text_width + 3 * text_ffn_width) * 4
+    text_scores = 2 * batch * text_heads * text_tokens * text_tokens * 4
+    text = text_block_bytes + batch * text_tokens * text_width * 4 + text_activations + text_scores
+    decode = VAE_DECODE_BYTES_PER_PIXEL_AND_CHANNEL * batch * 4 * height * width * vae_base_dim
+    return StagedMemory(
+        held=(("transformer", sampling.weights), ("VAE", vae_weight_bytes)),
+        stages=(("text encoder", text), ("sampling", sampling.total - sampling.weights), ("decoding", decode)),
+    )

@@ -243,6 +243,7 @@ def sample_far(
     context_latents: Optional[torch.Tensor] = None,
     callback: Optional[Callable[[int, int, float, torch.Tensor], None]] = None,
     incremental_cache: bool = True,
+    chunk_callback: Optional[Callable[[int, torch.Tensor], None]] = None,
 ) -> torch.Tensor:
     """Sample latents chunk by chunk with an AnyFlow FAR model.
 
@@ -263,6 +264,9 @@ def sample_far(
         callback: called after every step as ``callback(chunk_index, step_index, t, chunk_latents)``.
         incremental_cache: refresh the cache by encoding only what changed (default); False
             re-encodes every frame made so far after each chunk, as the reference does (same result).
+        chunk_callback: called once per chunk, in order, as soon as its latents are final, as
+            ``chunk_callback(chunk_index, chunk_latents)`` (B, frames of the chunk, C, H, W), the
+            given chunks included: a caller can decode and show a chunk while the next is made.
 
     Returns:
         The latents (B, F, C, H, W) in the model's dtype (all frames, the given ones included).
@@ -299,6 +303,8 @@ def sample_far(
                     if callback is not None:
                         callback(chunk, i, t, z)
                 latents[:, start:stop] = z
+            if chunk_callback is not None:
+                chunk_callback(chunk, latents[:, start:stop])
             if chunk < len(partition) - 1:
                 cache = model.encode_cache(latents[:, :stop], partition[:chunk + 1], context,
                                            cache if incremental_cache else None)

@@ -1,16 +1,16 @@
-"""Bridge to the real text encoder and VAE, for users who hold the Wan2.1 / AnyFlow diffusers weights.
+"""The two ends of a video without the transformer: prompts to an embeddings file, latents to a video file.
 
     # prompt -> UMT5 embeddings file for `anyflow sample --prompt-embeds`
     python scripts/encode_decode.py encode --pipeline PATH --prompt "a red fox in snow" \
         [--negative-prompt "blurry"] --out embeds.safetensors
-    # latents from `anyflow sample --out` -> mp4
+    # latents from `anyflow sample --out` -> mp4 (.gif, .png, .webp)
     python scripts/encode_decode.py decode --pipeline PATH --latents latents.safetensors --out video.mp4
 
-PATH is a local diffusers snapshot with ``tokenizer/``, ``text_encoder/`` and ``vae/`` (for example
-``nvidia/AnyFlow-Wan2.1-T2V-1.3B-Diffusers`` downloaded beforehand; nothing is downloaded here).
-Needs the optional packages diffusers, transformers (and ftfy, imageio, imageio-ffmpeg for video);
-the ``anyflow`` library itself needs none of them. Embeddings come from the pipeline's own
-``encode_prompt`` (512 tokens, zero padded), so they equal what ``AnyFlowPipeline`` feeds its transformer.
+PATH is a local pipeline snapshot with ``tokenizer/``, ``text_encoder/`` and ``vae/`` (for example
+``nvidia/AnyFlow-Wan2.1-T2V-1.3B-Diffusers`` downloaded beforehand; nothing is downloaded here). It
+uses this project's own text encoder (streamed block by block), tokenizer and VAE: the video extra
+(``pip install -e ".[video]"``), no diffusers or transformers. ``anyflow generate`` does both ends and
+the sampling between them in one command.
 """
 
 from __future__ import annotations
@@ -26,39 +26,40 @@ LATENTS_KEY = "latents"
 
 
 def encode(args: argparse.Namespace) -> None:
-    from diffusers import AnyFlowPipeline
     from safetensors.torch import save_file
 
-    pipe = AnyFlowPipeline.from_pretrained(args.pipeline, transformer=None, vae=None, torch_dtype=torch.bfloat16)
-    pipe.text_encoder.to(args.device)
-    with torch.no_grad():
-        positive, negative = pipe.encode_prompt(
-            prompt=args.prompt, negative_prompt=args.negative_prompt,
-            do_classifier_free_guidance=args.negative_prompt is not None,
-            max_sequence_length=512, device=torch.device(args.device),
-        )
-    tensors = {PROMPT_KEY: positive.float().cpu().contiguous()}
-    if negative is not None:
-        tensors[NEGATIVE_KEY] = negative.float().cpu().contiguous()
+    from anyflow.prompts import encode_prompts, load_tokenizer
+    from anyflow.text_encoder import UMT5Encoder
+
+    tokenizer = load_tokenizer(os.path.join(args.pipeline, "tokenizer"))
+    encoder = UMT5Encoder.streaming(os.path.join(args.pipeline, "text_encoder"), device=args.device)
+    prompts = args.prompt + (args.negative_prompt or [])
+    embeddings = encode_prompts(tokenizer, encoder, prompts).float().cpu()  # (B, 512, 4096)
+    tensors = {PROMPT_KEY: embeddings[:len(args.prompt)].contiguous()}
+    if args.negative_prompt:
+        tensors[NEGATIVE_KEY] = embeddings[len(args.prompt):].contiguous()
     save_file(tensors, args.out)
     print(f"wrote {args.out}: " + ", ".join(f"'{k}' {tuple(v.shape)}" for k, v in tensors.items()))
 
 
 def decode(args: argparse.Namespace) -> None:
-    from diffusers import AutoencoderKLWan
-    from diffusers.utils import export_to_video
-    from diffusers.video_processor import VideoProcessor
     from safetensors.torch import load_file
 
-    vae = AutoencoderKLWan.from_pretrained(args.pipeline, subfolder="vae", torch_dtype=torch.float32).to(args.device)
-    latents = load_file(args.latents)[LATENTS_KEY].to(args.device, torch.float32)  # (B, C, F, H, W)
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
-    with torch.no_grad():
-        video = vae.decode(latents * std + mean, return_dict=False)[0]
-    frames = VideoProcessor(vae_scale_factor=8).postprocess_video(video, output_type="np")[0]
-    export_to_video(frames, args.out, fps=args.fps)
-    print(f"wrote {args.out}: {len(frames)} frames of {frames.shape[1]}x{frames.shape[2]}")
+    from anyflow.vae import WanVAE
+    from anyflow.video_io import VideoWriter, to_uint8
+
+    vae = WanVAE.from_pretrained(os.path.join(args.pipeline, "vae"), dtype="float32", device=args.device)
+    latents = load_file(args.latents)[LATENTS_KEY][:1].to(args.device, torch.float32)  # (1, C, F, H, W)
+    stream = vae.decoder_stream()
+    writer = VideoWriter(args.out, latents.shape[-1] * 8, latents.shape[-2] * 8, args.fps)
+    try:
+        with torch.no_grad():
+            for frame in range(latents.shape[2]):  # one latent frame at a time: memory bounded by one
+                video = stream.push(latents[:, :, frame:frame + 1])  # (1, 3, F', H, W) in [-1, 1]
+                writer.write(to_uint8((video[0].permute(1, 2, 3, 0) + 1) / 2))
+    finally:
+        writer.close()
+    print(f"wrote {args.out}: {writer.frames} frames of {latents.shape[-1] * 8}x{latents.shape[-2] * 8}")
 
 
 def main() -> None:

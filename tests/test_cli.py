@@ -153,7 +153,7 @@ SAMPLE_ERRORS = {
     "guidance NaN": ({"--guidance-scale": "nan"}, [], r"--guidance-scale must be a finite number, got nan"),
     "max hours": ({"--max-hours": "-1"}, [], r"--max-hours must be a number of hours >= 0 \(0: no limit\), got -1.0"),
     "out not safetensors": ({"--out": "out.mp4"}, [], r"--out out.mp4: anyflow sample writes latents as a .safetensors "
-                            r"file; name it out.safetensors \(scripts/encode_decode.py decodes it to a video\)"),
+                            r"file; name it out.safetensors; for a video, use anyflow generate"),
     "FAR compressed patch": ({"--model": TINY_FAR_CHECKPOINT, "--frames": "25", "--height": "48", "--width": "80"}, [],
                              r"--height 48: 6 latent pixels are not divisible by the model's compressed patch "
                              r"\(compressed_patch_size\) 4; use a multiple of 32"),
