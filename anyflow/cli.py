@@ -257,6 +257,24 @@ def check_out(out: str, force: bool, inputs: List[tuple]) -> None:
 CLI_NAMES = ("--frames", "--height", "--width")
 
 
+def check_chunks(args: argparse.Namespace, config, frames: int) -> Optional[tuple]:
+    """--chunk-partition and --guidance-scale against the model: a FAR model's chunks (checked to sum to the
+    latent frames) and no guidance; no chunks for a bidirectional one. None for a bidirectional model."""
+    from anyflow.config import AnyFlowFARConfig, check_chunk_partition
+
+    if not isinstance(config, AnyFlowFARConfig):
+        if args.chunk_partition:
+            raise ValueError(f"--chunk-partition: {args.model} is a bidirectional checkpoint, which has no chunks")
+        return None
+    if args.guidance_scale > 1:
+        raise ValueError(f"--guidance-scale {args.guidance_scale}: the FAR sampler runs without guidance "
+                         "(the released FAR weights have it built in)")
+    try:
+        return check_chunk_partition(args.chunk_partition or config.chunk_partition, frames, "--chunk-partition")
+    except ValueError as exc:
+        raise ValueError(f"{exc} (--frames {args.frames}); give a --chunk-partition that sums to {frames}") from None
+
+
 def resolve_device(name: Optional[str]):
     """The torch device named by --device, checked to exist here."""
     from anyflow.devices import resolve_device as resolve
@@ -364,7 +382,7 @@ def check_sample_run(args: argparse.Namespace, processes: "Processes") -> Sample
     import torch
 
     from anyflow.compute import duration, estimate_far_sampling_compute, estimate_sampling_compute
-    from anyflow.config import AnyFlowFARConfig, check_chunk_partition
+    from anyflow.config import AnyFlowFARConfig
     from anyflow.memory import available_memory, estimate_far_sampling_memory, estimate_sampling_memory, gib
     from anyflow.sampling import flow_map_sigmas, steps_to_run
     from weights_convert.conversion import loaded_nbytes
@@ -394,17 +412,7 @@ def check_sample_run(args: argparse.Namespace, processes: "Processes") -> Sample
         raise ValueError("--sequence-parallel: the FAR model runs over several processes with --shard-weights only")
     check_grid(config, args.frames, args.height, args.width, CLI_NAMES)
     guided = args.guidance_scale > 1
-    partition = None
-    if far:
-        if guided:
-            raise ValueError(f"--guidance-scale {args.guidance_scale}: the FAR sampler runs without guidance "
-                             "(the released FAR weights have it built in)")
-        try:
-            partition = check_chunk_partition(args.chunk_partition or config.chunk_partition, frames, "--chunk-partition")
-        except ValueError as exc:
-            raise ValueError(f"{exc} (--frames {args.frames}); give a --chunk-partition that sums to {frames}") from None
-    elif args.chunk_partition:
-        raise ValueError(f"--chunk-partition: {args.model} is a bidirectional checkpoint, which has no chunks")
+    partition = check_chunks(args, config, frames)
     text = read_embeddings("--prompt-embeds", args.prompt_embeds, PROMPT_KEY, config.text_dim)
     negative = None
     if guided and not args.negative_embeds:

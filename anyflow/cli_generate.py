@@ -18,8 +18,8 @@ from dataclasses import replace
 from itertools import accumulate
 
 from .cli import (
-    CLI_NAMES, LATENTS_KEY, MAX_STEPS, PIXEL_RULE, ClaimedOutput, Progress, check_out, count, resolve_device,
-    seed_number,
+    CLI_NAMES, LATENTS_KEY, MAX_STEPS, PIXEL_RULE, ClaimedOutput, Progress, check_chunks, check_out, count,
+    resolve_device, seed_number,
 )
 from .video_shape import check_grid, latent_shape
 
@@ -152,17 +152,7 @@ def run_generate(args: argparse.Namespace) -> int:
                 num_steps=args.steps, sigmas=args.sigmas, shift=shift, guidance_scale=args.guidance_scale,
                 seed=args.seed, chunk_partition=args.chunk_partition,
                 image=given if args.image else None, video=given if args.video else None)
-    if far:
-        if args.guidance_scale > 1:
-            raise ValueError(f"--guidance-scale {args.guidance_scale}: the FAR sampler runs without guidance")
-        from anyflow.config import check_chunk_partition
-
-        try:
-            partition = check_chunk_partition(args.chunk_partition or config.chunk_partition, frames, "--chunk-partition")
-        except ValueError as exc:
-            raise ValueError(f"{exc} (--frames {args.frames}); give a --chunk-partition that sums to {frames}") from None
-    elif args.chunk_partition:
-        raise ValueError(f"--chunk-partition: {args.model} is a bidirectional snapshot, which has no chunks")
+    partition = check_chunks(args, config, frames)
 
     steps = len(steps_to_run(schedule))
     noise_shape = (1, frames, config.in_channels, h, w)
