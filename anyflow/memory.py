@@ -163,10 +163,11 @@ def _cgroup_headroom() -> Optional[int]:
         return None
 
 
-# The Wan VAE decoder's peak while it decodes one latent frame into 4 video frames, per output pixel
-# and frame, in float32: its full-resolution stage holds several (base_dim, 4, H, W) tensors and the
-# causal caches (measured: scripts/bench_vae.py).
-VAE_DECODE_BYTES_PER_PIXEL_AND_CHANNEL = 24
+# The Wan VAE decoder's peak above what it holds while it decodes one latent frame into 4 video
+# frames, per output pixel and base_dim channel, in float32: its full-resolution stage holds several
+# (base_dim, 4, H, W) tensors beside the causal caches. Measured: 51 bytes at 240 x 416 (472 MiB, the
+# released VAE's base_dim 96, the second latent frame, peak RSS above RSS before it); a third above.
+VAE_DECODE_BYTES_PER_PIXEL_AND_CHANNEL = 68
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,7 @@ def estimate_generation_memory(
     text_activations = batch * text_tokens * (8 * text_width + 3 * text_ffn_width) * 4
     text_scores = 2 * batch * text_heads * text_tokens * text_tokens * 4
     text = text_block_bytes + batch * text_tokens * text_width * 4 + text_activations + text_scores
-    decode = VAE_DECODE_BYTES_PER_PIXEL_AND_CHANNEL * batch * 4 * height * width * vae_base_dim
+    decode = VAE_DECODE_BYTES_PER_PIXEL_AND_CHANNEL * batch * height * width * vae_base_dim
     return StagedMemory(
         held=(("transformer", sampling.weights), ("VAE", vae_weight_bytes)),
         stages=(("text encoder", text), ("sampling", sampling.total - sampling.weights), ("decoding", decode)),
