@@ -29,6 +29,8 @@ from benchlib import probe, save_random_weights
 
 LOAD_AND_DECODE = r"""
 import torch, time
+if {threads}:
+    torch.set_num_threads({threads})
 torch.manual_seed(0)
 latents = torch.randn(1, 16, {frames}, {height}, {width})
 if {ours}:
@@ -43,9 +45,11 @@ else:
     def decode():
         with torch.no_grad():
             return vae.decode(latents / inv_std + mean, return_dict=False)[0]
+loaded = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
 start, cpu = time.perf_counter(), time.process_time()
 video = decode()
-INNER = {{"decode_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu, "shape": list(video.shape)}}
+INNER = {{"decode_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu, "shape": list(video.shape),
+          "loaded_mb": loaded}}
 torch.save(video, {output!r})
 """
 
@@ -56,6 +60,7 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=60, help="latent height (60: 480 pixels)")
     parser.add_argument("--width", type=int, default=104, help="latent width (104: 832 pixels)")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "anyflow-bench-vae"))
     args = parser.parse_args()
 
@@ -72,25 +77,26 @@ def main() -> None:
     for _ in range(args.repeats):
         for impl in ("ours", "diffusers"):
             output = os.path.join(args.workdir, f"video-{impl}.pt")
-            body = LOAD_AND_DECODE.format(frames=args.frames, height=args.height, width=args.width,
+            body = LOAD_AND_DECODE.format(frames=args.frames, height=args.height, width=args.width, threads=args.threads,
                                           ours=impl == "ours", weights=weights, output=output)
             result = probe(body)
             results[impl].append(result)
             outputs[impl] = output
             inner = result["inner"]
-            print(f"  {impl:9s} decode {inner['decode_s']:7.1f} s (CPU {inner['cpu_s']:7.1f} s)  "
-                  f"peak RSS {result['rss_mb']:7.0f} MB  video {inner['shape']}", flush=True)
+            print(f"  {impl:9s} decode {inner['decode_s']:7.1f} s (CPU {inner['cpu_s']:7.1f} s)  RSS loaded "
+                  f"{inner['loaded_mb']:5.0f} MB, peak {result['rss_mb']:6.0f} MB  video {inner['shape']}", flush=True)
     ours, theirs = torch.load(outputs["ours"]), torch.load(outputs["diffusers"])
-    med = {impl: {key: statistics.median(r["inner"][key] if key != "rss_mb" else r[key] for r in runs)
-                  for key in ("decode_s", "cpu_s", "rss_mb")} for impl, runs in results.items()}
+    keys = ("decode_s", "cpu_s", "loaded_mb", "rss_mb")
+    med = {impl: {key: statistics.median(r[key] if key == "rss_mb" else r["inner"][key] for r in runs) for key in keys}
+           for impl, runs in results.items()}
+    threads = args.threads or torch.get_num_threads()
     print(f"latents 1 x 16 x {args.frames} x {args.height} x {args.width} -> video {list(ours.shape)}, float32, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"{'':10s}{'decode s':>10s}{'CPU s':>10s}{'peak RSS MB':>13s}")
+          f"{threads} thread(s), median of {args.repeats}")
+    print(f"{'':10s}{'decode s':>10s}{'CPU s':>10s}{'loaded MB':>11s}{'peak RSS MB':>13s}")
     for impl in ("ours", "diffusers"):
         m = med[impl]
-        print(f"{impl:10s}{m['decode_s']:10.1f}{m['cpu_s']:10.1f}{m['rss_mb']:13.0f}")
-    print(f"{'ratio':10s}{med['ours']['decode_s'] / med['diffusers']['decode_s']:10.2f}"
-          f"{med['ours']['cpu_s'] / med['diffusers']['cpu_s']:10.2f}{med['ours']['rss_mb'] / med['diffusers']['rss_mb']:13.2f}")
+        print(f"{impl:10s}{m['decode_s']:10.1f}{m['cpu_s']:10.1f}{m['loaded_mb']:11.0f}{m['rss_mb']:13.0f}")
+    print(f"{'ratio':10s}" + "".join(f"{med['ours'][k] / med['diffusers'][k]:{w}.2f}" for k, w in zip(keys, (10, 10, 11, 13))))
     print(f"max |ours - diffusers| = {(ours - theirs).abs().max().item():.2e} (max |diffusers| {theirs.abs().max().item():.2f})")
 
 

@@ -71,9 +71,8 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: TemporalCache) -> torch.Tensor:
         skip = x if self.shortcut is None else self.shortcut(x, cache)
-        h = self.conv1(F.silu(self.norm1(x), inplace=True), cache)
-        h = self.conv2(F.silu(self.norm2(h), inplace=True), cache)
-        return h.add_(skip)
+        h = F.silu(self.norm2(self.conv1(F.silu(self.norm1(x), inplace=True), cache)), inplace=True)
+        return self.conv2(h, cache).add_(skip)  # conv1's output is not kept alive during conv2
 
 
 class AttentionBlock(nn.Module):

@@ -10,7 +10,7 @@ frame per resolution plus each causal conv's last two input frames, whatever the
 
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from ..devices import resolve_device
 from .cache import TemporalCache, run_frames
 from .config import WanVAEConfig
 from .layers import AttentionBlock, CausalConv3d, Downsample, Head, ResidualBlock, Upsample
+from .ops import as_frame, conv_frames
 
 Tile = Union[bool, Tuple[int, int]]
 
@@ -177,9 +178,9 @@ class WanVAE(nn.Module):
         cache, layers, done = TemporalCache(), self.encoder.layers(), 0
         mean_weight, mean_bias = self.moments_proj.weight[:z], self.moments_proj.bias[:z]  # the mean half
         for i in range(t):
-            frame = video[:, :, i].to(self.device, self.dtype)  # (B, C_in, H, W)
+            frame = as_frame(video[:, :, i].to(self.device, self.dtype))  # (B, C_in, H, W)
             for moments in run_frames(layers, frame, cache):
-                mu = torch.nn.functional.conv2d(moments, mean_weight[:, :, 0], mean_bias)  # (B, z, h, w)
+                mu = conv_frames([moments], mean_weight, mean_bias, padding=0)  # (B, z, h, w)
                 latents[:, :, done] = self.normalize(mu)
                 done += 1
         return latents.transpose(1, 2) if frames_first else latents

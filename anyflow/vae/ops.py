@@ -43,7 +43,8 @@ def frame_major_(weight: torch.Tensor) -> torch.Tensor:
     """
     o, c, k, h, w = weight.shape
     if weight.stride() != (h * w * k * c, 1, c, w * k * c, k * c):
-        weight.data = weight.data.permute(0, 3, 4, 2, 1).contiguous().permute(0, 4, 3, 1, 2)
+        with torch.inference_mode(False):  # a normal tensor, even when first used under inference mode
+            weight.data = weight.data.permute(0, 3, 4, 2, 1).contiguous().permute(0, 4, 3, 1, 2)
     return weight
 
 
@@ -85,4 +86,4 @@ def _phase_taps(weight: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Ten
 def downsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x (B, C, H, W) -> (B, C_out, H/2, W/2): a 3x3 convolution of stride 2 with one zero row and
     column added at the bottom and right."""
-    return F.conv2d(F.pad(x, (0, 1, 0, 1)), weight, bias, stride=2)
+    return F.conv2d(as_frame(F.pad(x, (0, 1, 0, 1))), weight, bias, stride=2)
