@@ -110,13 +110,22 @@ def locate(path: str) -> Tuple[str, List[str], Optional[str]]:
         return ("torch .pt" if files[0].endswith(PT_SUFFIXES) else "safetensors"), files, config
     config = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
     config = config if os.path.isfile(config) else None
+    kind = weight_file_kind(path)
+    if kind is None:
+        raise CheckpointError(f"{path}: not a .safetensors, .safetensors.index.json or .pt/.pth/.ckpt/.bin file")
+    return kind, [path], None if kind == "torch .pt" else config
+
+
+def weight_file_kind(path: str) -> Optional[str]:
+    """The container of one weight file, by its name: "sharded safetensors" (an index), "safetensors",
+    "torch .pt"; None for any other name."""
     if path.endswith(".safetensors.index.json"):
-        return "sharded safetensors", [path], config
+        return "sharded safetensors"
     if path.endswith(".safetensors"):
-        return "safetensors", [path], config
+        return "safetensors"
     if path.endswith(PT_SUFFIXES):
-        return "torch .pt", [path], None
-    raise CheckpointError(f"{path}: not a .safetensors, .safetensors.index.json or .pt/.pth/.ckpt/.bin file")
+        return "torch .pt"
+    return None
 
 
 def _weight_files(folder: str) -> List[str]:

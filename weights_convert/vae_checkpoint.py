@@ -26,6 +26,7 @@ from .pt_files import PT_SUFFIXES, InMemoryTensor, load_pt
 from .safetensors_io import (
     FLOAT_DTYPES, CheckpointError, TensorRecord, read_header, read_json_object, read_sharded, torch_dtype,
 )
+from .sources import weight_file_kind
 from .vae_names import vae_names
 
 if TYPE_CHECKING:
@@ -131,13 +132,10 @@ def locate(path: str) -> Tuple[str, List[str], Optional[str]]:
     else:
         beside = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
         config = beside if os.path.isfile(beside) and path.endswith(".safetensors") else None
-    if path.endswith(".safetensors.index.json"):
-        return "sharded safetensors", [path], config
-    if path.endswith(".safetensors"):
-        return "safetensors", [path], config
-    if path.endswith(PT_SUFFIXES):
-        return "torch .pt", [path], None
-    raise CheckpointError(f"{path}: not a VAE folder, .safetensors, .safetensors.index.json or .pth file")
+    kind = weight_file_kind(path)
+    if kind is None:
+        raise CheckpointError(f"{path}: not a VAE folder, .safetensors, .safetensors.index.json or .pth file")
+    return kind, [path], None if kind == "torch .pt" else config
 
 
 def open_vae_checkpoint(path: str, config: Optional[WanVAEConfig] = None) -> VAECheckpoint:
