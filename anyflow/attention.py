@@ -9,6 +9,7 @@ stream's own (the FAR model's cached steps). No mask and no padding enter the so
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -23,6 +24,21 @@ from .sequence_parallel import TokenSplit, heads_to_tokens, tokens_to_heads
 
 HEADS_PER_FP32_GROUP = 4
 KeyValue = Tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class KeyValueSlot:
+    """One block's preallocated self-attention keys (rotated) and values, (B, capacity, H, d) each.
+
+    The first ``start`` tokens hold those of earlier frames. A forward writes its stream's keys
+    and values in place at ``start .. start + L`` and attends over the first ``start + L`` tokens,
+    so the earlier ones are never copied (:class:`anyflow.far.FarKVCache` holds one per block).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    start: int
+    scratch: bool = False  # the stream's keys and values are a step's, not kept (overwritten by the next step)
 
 
 def multi_head_attention(
@@ -40,7 +56,7 @@ def multi_head_attention(
     if sequence is not None:
         if visible is not None:
             raise ValueError("sequence parallelism attends every token to every token (no block-causal streams)")
-        q, k, v = (heads_to_tokens(t, sequence) for t in (q, k, v))  # (B, L, H/P, d)
+        q, k, v = heads_to_tokens(q, k, v, sequence)  # each (B, L, H/P, d)
         return tokens_to_heads(_attend_heads(q, k, v).unflatten(-1, (q.shape[2], -1)), sequence).flatten(2)
     if visible is None:
         return _attend_heads(q, k, v)
@@ -84,20 +100,28 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(hidden_size, eps)
         self.norm_k = RMSNorm(hidden_size, eps)
 
-    def forward(
-        self, x: torch.Tensor, plan: TokenPlan, past: Optional[KeyValue] = None
-    ) -> Tuple[torch.Tensor, KeyValue]:
-        """x (B, L, D) -> (output (B, L, D), the stream's keys (rotated) and values (B, L, H, d)).
+    def forward(self, x: torch.Tensor, plan: TokenPlan, slot: Optional[KeyValueSlot] = None) -> torch.Tensor:
+        """x (B, L, D) -> (B, L, D).
 
-        ``past``: keys (rotated) and values of earlier frames, attended before the stream's own.
+        ``slot``: where this block's keys (rotated) and values are kept: the stream's are written
+        into it after the ``slot.start`` cached ones of earlier frames, and attended after them.
         Rotating a key depends on its position only, so cached keys are kept rotated.
         """
         heads = (self.num_heads, -1)
         q = apply_rope(self.norm_q(self.q(x)).unflatten(2, heads), plan.rope)  # (B, L, H, d)
         k = apply_rope(self.norm_k(self.k(x)).unflatten(2, heads), plan.rope)
         v = self.v(x).unflatten(2, heads)
-        keys, values = (k, v) if past is None else (torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1))
-        return self.o(multi_head_attention(q, keys, values, plan.visible, plan.sequence)), (k, v)
+        if slot is not None and slot.scratch and torch.is_grad_enabled():
+            # with autograd a step's keys are joined to a copy of the cached ones, not written into the
+            # room: the next step's write there would change what this step saved for its backward
+            k = torch.cat([slot.keys[:, :slot.start], k], dim=1)
+            v = torch.cat([slot.values[:, :slot.start], v], dim=1)
+        elif slot is not None:
+            stop = slot.start + k.shape[1]
+            slot.keys[:, slot.start:stop] = k  # in place: the earlier keys and values stay where they are
+            slot.values[:, slot.start:stop] = v
+            k, v = slot.keys[:, :stop], slot.values[:, :stop]  # views (B, start + L, H, d)
+        return self.o(multi_head_attention(q, k, v, plan.visible, plan.sequence))
 
 
 class CrossAttention(nn.Module):

@@ -13,13 +13,13 @@ Norms and the gated residual adds run in float32; the stream is stored in the mo
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import CrossAttention, KeyValue, SelfAttention
+from .attention import CrossAttention, KeyValue, KeyValueSlot, SelfAttention
 from .layout import Segment, TokenPlan
 from .linear import Linear, computes_in_fp32
 from .norms import LayerNormFP32, layer_norm_fp32
@@ -28,24 +28,36 @@ from .norms import LayerNormFP32, layer_norm_fp32
 class FeedForward(nn.Module):
     """Linear(D -> ffn_dim), GELU (tanh), Linear(ffn_dim -> D).
 
-    Applied to ``tokens_per_chunk`` tokens at a time: the map is per token, so chunking changes
+    The map is per token, so it can run on ``tokens_per_chunk`` tokens at a time: that changes
     nothing but the size of the (tokens, ffn_dim) hidden activation, the largest tensor of a block.
-    Half precision computed in float32 (:mod:`anyflow.linear`) holds that activation in both
-    dtypes and in float32 copies at once, so it takes a quarter as many tokens at a time.
+    ``tokens_per_chunk`` None (the default) chunks on CPUs only, :data:`CPU_TOKENS_PER_CHUNK` tokens
+    at a time (a quarter as many in half precision computed in float32, :mod:`anyflow.linear`,
+    which holds the activation in both dtypes and in float32 copies at once); a GPU runs every
+    token at once. Set it with :meth:`AnyFlowBackbone.set_ffn_chunking`.
     """
-
-    tokens_per_chunk = 4096
 
     def __init__(self, hidden_size: int, ffn_dim: int):
         super().__init__()
         self.fc_in = Linear(hidden_size, ffn_dim)
         self.fc_out = Linear(ffn_dim, hidden_size)
+        self.tokens_per_chunk: Optional[int] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.tokens_per_chunk // (4 if computes_in_fp32(self.fc_in.weight) else 1)
+        tokens = self.tokens_per_chunk
+        if tokens is None:
+            if x.device.type != "cpu":
+                return self._map(x)
+            # (the bias is in the compute dtype, float8 weights or not)
+            tokens = CPU_TOKENS_PER_CHUNK // (4 if computes_in_fp32(self.fc_in.bias) else 1)
         chunks = x.split(tokens, dim=1)
-        outs = [self.fc_out(F.gelu(self.fc_in(chunk), approximate="tanh")) for chunk in chunks]
+        outs = [self._map(chunk) for chunk in chunks]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def _map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(F.gelu(self.fc_in(x), approximate="tanh"))
+
+
+CPU_TOKENS_PER_CHUNK = 4096
 
 
 def modulation_table(rows: int, hidden_size: int) -> nn.Parameter:
@@ -116,13 +128,12 @@ class DiTBlock(nn.Module):
         context: Union[torch.Tensor, KeyValue],
         mod: torch.Tensor,
         plan: TokenPlan,
-        past: Optional[KeyValue] = None,
-    ) -> Tuple[torch.Tensor, KeyValue]:
+        slot: Optional[KeyValueSlot] = None,
+    ) -> torch.Tensor:
         """x (B, L, D); context: the embedded context (B, S, D) or this block's keys and values of it
-        (:meth:`context_kv`); mod (B, F, 6, D), one row per frame of ``plan.segments``; ``past``:
-        cached keys and values of earlier frames.
-
-        Returns the new x and this block's self-attention keys (rotated) and values of the stream.
+        (:meth:`context_kv`); mod (B, F, 6, D), one row per frame of ``plan.segments``; ``slot``:
+        where this block's self-attention keys and values are kept (cached ones of earlier frames
+        first, the stream's written after them). Returns the new x (B, L, D).
         """
         # (not through self.context_kv: under FSDP that method gathers and frees this block's weights itself)
         context_kv = context if isinstance(context, tuple) else self.cross_attn.context_kv(context)
@@ -130,8 +141,8 @@ class DiTBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = m.unbind(2)  # each (B, F, 1, D)
         segments = plan.segments
 
-        attended, kv = self.self_attn(modulate(x, shift1, scale1, self.eps, segments), plan, past)
-        x = gated_residual(x, attended, gate1, segments)
+        x = gated_residual(x, self.self_attn(modulate(x, shift1, scale1, self.eps, segments), plan, slot), gate1,
+                           segments)
         h = x if self.cross_attn_norm is None else self.cross_attn_norm(x)
         x = x + self.cross_attn(h, context_kv)
-        return gated_residual(x, self.ffn(modulate(x, shift2, scale2, self.eps, segments)), gate2, segments), kv
+        return gated_residual(x, self.ffn(modulate(x, shift2, scale2, self.eps, segments)), gate2, segments)

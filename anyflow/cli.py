@@ -33,8 +33,17 @@ LATENTS_KEY = "latents"
 TINY_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")
 TINY_FAR_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_far")
 MAX_STEPS = 1000  # anyflow.sampling.MAX_STEPS: the models' timestep grid has 1000 steps
+OFFLOAD_HELP = ("keep the DiT blocks' weights in host memory (pinned) and copy each to the GPU just before it "
+                "runs, the next one meanwhile: about two blocks on the GPU instead of all (14B: about 1.3 GiB instead "
+                "of 26 GiB in bf16), for a little time per step; one process only; on the CPU it saves nothing")
 PIXEL_RULE = ("a multiple of 16 (8 x the patch 2) for the bidirectional models, of 32 (8 x the compressed patch 4) "
               "for the FAR ones; the checkpoint's own patches decide and are checked before it loads")
+
+
+FLOAT8_WEIGHTS = "float8_e4m3fn"  # anyflow.parameters.FLOAT8_NAME
+WEIGHT_DTYPE_HELP = ("hold the blocks' linear weights in float8 e4m3 with a float32 scale per row (half the bytes of "
+                     "bfloat16; they compute in --dtype; docs/FP8.md); default: the checkpoint's (--dtype, or float8 "
+                     "for a checkpoint written by anyflow-convert --dtype float8_e4m3fn)")
 
 
 def seed_number(text: str) -> int:
@@ -106,13 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--width", type=int, default=832, help=f"pixels (default 832): {PIXEL_RULE}")
     sample.add_argument("--seed", type=seed_number, default=0, help="seed of the initial noise, 0 to 2^64 - 1 (default 0)")
     sample.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                        help="model dtype; auto = bfloat16 on CUDA, float32 on CPU")
+                        help="model dtype; auto = float32 on CPU, bfloat16 on CUDA (float16 on GPUs before "
+                        "Ampere, which have no bfloat16 units)")
+    sample.add_argument("--weight-dtype", choices=(FLOAT8_WEIGHTS,), default=None, help=WEIGHT_DTYPE_HELP)
     sample.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    sample.add_argument("--compile", action="store_true",
+                        help="compile the DiT blocks with torch.compile (one graph for every block and step; the first "
+                        "step takes longer, one process only)")
     sample.add_argument("--shard-weights", action="store_true",
                         help="under torchrun: shard the weights over the processes (FSDP2; each reads only its shard)")
     sample.add_argument("--sequence-parallel", action="store_true",
                         help="under torchrun: split the tokens over the processes (Ulysses; bidirectional model; the "
                         "attention heads must divide evenly)")
+    sample.add_argument("--offload", action="store_const", const="blocks", default=None,
+                        help=f"block offload: {OFFLOAD_HELP}")
     sample.add_argument("--out", required=True, metavar="FILE",
                         help="output .safetensors file: the latents in the model's dtype (see --dtype)")
     sample.add_argument("--max-hours", type=float, default=12.0, metavar="HOURS",
@@ -383,7 +399,11 @@ def check_sample_run(args: argparse.Namespace, processes: "Processes") -> Sample
 
     from anyflow.compute import duration, estimate_far_sampling_compute, estimate_sampling_compute
     from anyflow.config import AnyFlowFARConfig
-    from anyflow.memory import available_memory, estimate_far_sampling_memory, estimate_sampling_memory, gib
+    from anyflow.devices import choose_dtype, dtype_warning
+    from anyflow.memory import (
+        ForwardKernels, available_memory, estimate_far_sampling_memory, estimate_sampling_memory, gib, weight_bytes,
+        with_block_offload,
+    )
     from anyflow.sampling import flow_map_sigmas, steps_to_run
     from weights_convert.conversion import loaded_nbytes
     from weights_convert.lora import apply_adapters
@@ -394,8 +414,9 @@ def check_sample_run(args: argparse.Namespace, processes: "Processes") -> Sample
     except ValueError as exc:
         raise ValueError(f"{'--sigmas' if args.sigmas else '--steps'}: {exc}") from None
     device = processes.device
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = choose_dtype(args.dtype, device)
+    if dtype_warning(device, dtype):
+        processes.say(dtype_warning(device, dtype))
 
     checkpoint = open_checkpoint(args.model)  # headers only: config and sizes before loading anything
     check_out(args.out, args.force, [("--model", f) for f in checkpoint.files + [checkpoint.config_file]])
@@ -408,6 +429,12 @@ def check_sample_run(args: argparse.Namespace, processes: "Processes") -> Sample
         raise ValueError(f"--lora: {exc}") from None
     config = checkpoint.config
     far = isinstance(config, AnyFlowFARConfig)
+    if args.weight_dtype and processes.count > 1:
+        raise ValueError("--weight-dtype: runs in one process (the parallel loader dequantises float8 checkpoints)")
+    if args.offload and processes.count > 1:
+        raise ValueError("--offload: runs in one process (with --shard-weights each process holds a share already)")
+    if args.compile and processes.count > 1:
+        raise ValueError("--compile: compiling runs on one process; leave it out under torchrun")
     if far and args.sequence_parallel:
         raise ValueError("--sequence-parallel: the FAR model runs over several processes with --shard-weights only")
     check_grid(config, args.frames, args.height, args.width, CLI_NAMES)
@@ -426,9 +453,18 @@ def check_sample_run(args: argparse.Namespace, processes: "Processes") -> Sample
     given = read_context_latents(args.context_latents, noise_shape, partition)
 
     element_size = torch.empty(0, dtype=dtype).element_size()
-    weights, text_tokens = loaded_nbytes(checkpoint, dtype), text.shape[1]
-    estimate = (estimate_far_sampling_memory(config, weights, noise_shape, text_tokens, element_size, partition)
-                if far else estimate_sampling_memory(config, weights, noise_shape, text_tokens, element_size, guided))
+    weights, text_tokens = loaded_nbytes(checkpoint, dtype, args.weight_dtype), text.shape[1]
+    kernels = ForwardKernels.on(device, dtype)
+    estimate = (estimate_far_sampling_memory(config, weights, noise_shape, text_tokens, element_size, partition, kernels)
+                if far else estimate_sampling_memory(config, weights, noise_shape, text_tokens, element_size, guided,
+                                                     kernels))
+    if args.offload:  # the blocks as loaded: float8 when asked for, or when the checkpoint holds float8 weights
+        from weights_convert.scaled_fp8 import stored_as_float8
+
+        stored = any(stored_as_float8(t) for t in checkpoint.tensors.values())  # the opened checkpoint's folded pairs
+        float8 = args.weight_dtype or (FLOAT8_WEIGHTS if stored else None)
+        estimate = with_block_offload(estimate, weight_bytes(config, element_size, float8),
+                                      host_is_device=device.type == "cpu")
     estimate = processes.share(estimate, args.shard_weights, args.sequence_parallel)
     free = available_memory(device)
     need, where = processes.sharing_memory(estimate.total, device)
@@ -567,13 +603,18 @@ def sample_in(processes: Processes, args: argparse.Namespace) -> int:
         model_class = AnyFlowFARTransformer3DModel if run.far else AnyFlowTransformer3DModel
         lora = dict(lora=run.adapters, lora_skip_unknown=args.lora_skip_unknown)
         if processes.mesh is None:
-            model = model_class.from_pretrained(args.model, dtype=run.dtype, device=run.device, **lora)
+            model = model_class.from_pretrained(args.model, dtype=run.dtype, device=run.device, offload=args.offload,
+                                                weight_dtype=args.weight_dtype, **lora)
         else:
             model = load_parallel(model_class, args.model, processes.mesh, run.dtype, run.device,
                                   shard_weights=args.shard_weights, sequence_parallel=args.sequence_parallel, **lora)
+        if args.compile:
+            model.compile_blocks()
         merged = "".join(f", LoRA {path} x {scale:g} merged" for path, scale in run.adapters)
         processes.say(f"loaded {args.model} ({count(sum(p.numel() for p in model.parameters()))} parameters, "
                       f"{run.dtype}, {run.device}"
+                      + (", DiT blocks offloaded to host memory" if args.offload else "")
+                      + (", DiT blocks compiled on first use" if args.compile else "")
                       + (f", {processes.count} processes" if processes.count > 1 else "")
                       + f"{merged}) in {time.perf_counter() - start:.1f} s")
         noise = torch.randn(run.noise_shape, generator=torch.Generator().manual_seed(args.seed))

@@ -18,8 +18,8 @@ from dataclasses import replace
 from itertools import accumulate
 
 from .cli import (
-    CLI_NAMES, LATENTS_KEY, MAX_STEPS, PIXEL_RULE, ClaimedOutput, Progress, check_chunks, check_out, count,
-    resolve_device, seed_number,
+    CLI_NAMES, FLOAT8_WEIGHTS, LATENTS_KEY, MAX_STEPS, OFFLOAD_HELP, PIXEL_RULE, WEIGHT_DTYPE_HELP, ClaimedOutput,
+    Progress, check_chunks, check_out, count, resolve_device, seed_number,
 )
 from .video_shape import check_grid, latent_shape
 
@@ -57,11 +57,18 @@ def add_generate_command(commands) -> None:
                           help="FAR snapshots: latent frames of each chunk (default the checkpoint's)")
     generate.add_argument("--seed", type=seed_number, default=0, help="seed of the initial noise, as anyflow sample's")
     generate.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                          help="transformer and text encoder dtype; auto = bfloat16 on CUDA, float32 on CPU "
+                          help="transformer and text encoder dtype; auto = float32 on CPU, bfloat16 on CUDA "
+                          "(float16 on GPUs before Ampere, which have no bfloat16 units) "
                           "(the VAE runs in float32)")
+    generate.add_argument("--weight-dtype", choices=(FLOAT8_WEIGHTS,), default=None,
+                          help=f"the transformer's: {WEIGHT_DTYPE_HELP}")
     generate.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    generate.add_argument("--compile", action="store_true",
+                          help="compile the transformer's DiT blocks with torch.compile (the first step takes longer)")
     generate.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                           help="merge a LoRA adapter into the transformer when it loads; repeatable")
+    generate.add_argument("--offload", action="store_const", const="blocks", default=None,
+                          help=f"block offload of the transformer: {OFFLOAD_HELP}")
     generate.add_argument("--fps", type=float, default=16.0, help="frames per second of the file (default 16, Wan's)")
     generate.add_argument("--out", required=True, metavar="FILE",
                           help=f"the video: {', '.join(VIDEO_EXTENSIONS)} (H.264 mp4, GIF, animated PNG, animated WebP)")
@@ -89,8 +96,10 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from anyflow.compute import duration, estimate_far_sampling_compute, estimate_sampling_compute, measure_matmul_rate
     from anyflow.config import AnyFlowFARConfig
+    from anyflow.devices import choose_dtype, dtype_warning
     from anyflow.memory import (
-        available_memory, estimate_far_sampling_memory, estimate_generation_memory, estimate_sampling_memory, gib,
+        ForwardKernels, available_memory, estimate_far_sampling_memory, estimate_generation_memory,
+        estimate_sampling_memory, gib, weight_bytes, with_block_offload,
     )
     from anyflow.pipeline import VideoPipeline, read_snapshot
     from anyflow.sampling import flow_map_sigmas, steps_to_run
@@ -134,8 +143,9 @@ def run_generate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ValueError(f"{'--sigmas' if args.sigmas else '--steps'}: {exc}") from None
     device = resolve_device(args.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = choose_dtype(args.dtype, device)
+    if dtype_warning(device, dtype):
+        print(dtype_warning(device, dtype), flush=True)
     transformer = open_checkpoint(snapshot.folder("transformer"))  # headers only
     try:
         apply_adapters(transformer.tensors, adapters, False)
@@ -158,9 +168,18 @@ def run_generate(args: argparse.Namespace) -> int:
     noise_shape = (1, frames, config.in_channels, h, w)
     guided = args.guidance_scale > 1
     element_size = torch.empty(0, dtype=dtype).element_size()
-    weights = loaded_nbytes(transformer, dtype)
-    sampling = (estimate_far_sampling_memory(config, weights, noise_shape, TEXT_TOKENS, element_size, partition) if far
-                else estimate_sampling_memory(config, weights, noise_shape, TEXT_TOKENS, element_size, guided))
+    weights = loaded_nbytes(transformer, dtype, args.weight_dtype)
+    kernels = ForwardKernels.on(device, dtype)
+    sampling = (estimate_far_sampling_memory(config, weights, noise_shape, TEXT_TOKENS, element_size, partition, kernels)
+                if far else estimate_sampling_memory(config, weights, noise_shape, TEXT_TOKENS, element_size, guided,
+                                                     kernels))
+    if args.offload:  # the blocks as loaded: float8 when asked for, or when the checkpoint holds float8 weights
+        from weights_convert.scaled_fp8 import stored_as_float8
+
+        stored = any(stored_as_float8(t) for t in transformer.tensors.values())  # the opened checkpoint's folded pairs
+        float8 = args.weight_dtype or (FLOAT8_WEIGHTS if stored else None)
+        sampling = with_block_offload(sampling, weight_bytes(config, element_size, float8),
+                                      host_is_device=device.type == "cpu")
     memory = estimate_generation_memory(sampling, **component_sizes(snapshot, element_size), height=args.height,
                                         width=args.width)
     free = available_memory(device)
@@ -184,7 +203,10 @@ def run_generate(args: argparse.Namespace) -> int:
     latents_claim = ClaimedOutput(args.save_latents) if args.save_latents else contextlib.nullcontext()
     with ClaimedOutput(args.out) as video_out, latents_claim as latents_out:
         start = time.perf_counter()
-        pipeline = VideoPipeline.from_pretrained(args.model, dtype=dtype, device=device, lora=adapters)
+        pipeline = VideoPipeline.from_pretrained(args.model, dtype=dtype, device=device, lora=adapters,
+                                                 offload=args.offload, weight_dtype=args.weight_dtype)
+        if args.compile:
+            pipeline.transformer.compile_blocks()
         print(f"loaded {args.model}: {'FAR' if far else 'bidirectional'} transformer "
               f"({count(sum(p.numel() for p in pipeline.transformer.parameters()))} parameters, {dtype}), VAE, "
               f"tokenizer on {device} in {time.perf_counter() - start:.1f} s", flush=True)

@@ -23,16 +23,22 @@ Refreshing the cache re-encodes only what changed: a compressed chunk's keys and
 the compressed chunks before it alone, so once computed they never change. After a chunk is
 generated, only the chunk that ages into the compressed part and the full-resolution chunks are
 encoded, whatever the length of the video (the reference re-encodes the whole prefix).
+
+The cache is preallocated: every block keeps its keys and values in storage with room after the
+cached tokens for the chunk being generated. A step writes the chunk's keys and values into that
+room and attends over the filled prefix, and a refresh writes the re-encoded tokens in place
+after the compressed ones, so no step copies the cache (the reference concatenates every block's
+whole cache at every step).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .attention import KeyValue
+from .attention import KeyValue, KeyValueSlot
 from .config import AnyFlowFARConfig, check_chunk_partition
 from .layout import TokenPlan, chunk_causal, chunk_causal_with_clean
 from .model import AnyFlowBackbone, PreparedContext, TimestepLike, Transformer3DOutput
@@ -47,13 +53,24 @@ class FarKVCache:
     Made by :meth:`AnyFlowFARTransformer3DModel.encode_cache`. The keys of every block are
     ``[compressed chunks | full-resolution chunks]``: the first ``compressed_tokens`` belong to the
     ``num_compressed_chunks`` oldest chunks and never change; the rest is replaced at each refresh.
+
+    They are the first ``num_tokens`` of each block's ``storage`` (B, capacity, heads, head_dim);
+    the room after them takes a step's chunk (scratch, overwritten by the next step). A refresh
+    given this cache takes its storage over: the cache is spent, and using it again is an error.
     """
 
     chunk_partition: Tuple[int, ...]  # frames of each cached chunk, in order
     num_compressed_chunks: int
     compressed_tokens: int
     latent_size: Tuple[int, int]  # (H, W) of the latents it was made from
-    layers: List[KeyValue]  # per block: keys, values (B, L, heads, head_dim)
+    storage: List[KeyValue]  # per block: keys, values (B, capacity, heads, head_dim), the first num_tokens cached
+    num_tokens: int
+    spent: bool = field(default=False, repr=False)
+
+    @property
+    def layers(self) -> List[KeyValue]:
+        """Per block: the cached keys and values, (B, num_tokens, heads, head_dim) views of the storage."""
+        return [(k[:, :self.num_tokens], v[:, :self.num_tokens]) for k, v in self._live_storage()]
 
     @property
     def num_frames(self) -> int:
@@ -61,12 +78,47 @@ class FarKVCache:
 
     @property
     def batch_size(self) -> int:
-        return self.layers[0][0].shape[0]
+        return self._live_storage()[0][0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        """Tokens each block's storage holds: the cached ones and the room after them."""
+        return self._live_storage()[0][0].shape[1]
 
     def compressed(self) -> List[KeyValue]:
         """Each block's keys and values of the compressed chunks alone."""
         n = self.compressed_tokens
-        return [(k[:, :n], v[:, :n]) for k, v in self.layers]
+        return [(k[:, :n], v[:, :n]) for k, v in self._live_storage()]
+
+    def slots(self, start: int) -> List[KeyValueSlot]:
+        """Each block's storage for a step whose stream follows the first ``start`` cached tokens (scratch)."""
+        return [KeyValueSlot(k, v, start, scratch=True) for k, v in self._live_storage()]
+
+    def make_room(self, tokens: int) -> None:
+        """Ensure room for ``tokens`` after the cached ones; without it, grow to exactly that (one copy)."""
+        needed = self.num_tokens + tokens
+        if self.capacity < needed:
+            for i, kv in enumerate(self._live_storage()):  # block by block: one block's copy alive at a time
+                self.storage[i] = tuple(_grown(t, needed, self.num_tokens) for t in kv)
+
+    def take_storage(self) -> List[KeyValue]:
+        """Hand the storage over to a refresh, which writes into it: this cache is spent from now on."""
+        storage = self._live_storage()
+        self.storage, self.spent = [], True
+        return storage
+
+    def _live_storage(self) -> List[KeyValue]:
+        if self.spent:
+            raise ValueError("this FarKVCache was refreshed by encode_cache, which took its storage over; use the "
+                             "cache that encode_cache returned")
+        return self.storage
+
+
+def _grown(tensor: torch.Tensor, capacity: int, keep: int) -> torch.Tensor:
+    """``tensor`` (B, L, heads, head_dim) in new storage of ``capacity`` tokens, its first ``keep`` copied over."""
+    grown = tensor.new_empty((tensor.shape[0], capacity, *tensor.shape[2:]))
+    grown[:, :keep] = tensor[:, :keep]
+    return grown
 
 
 class AnyFlowFARTransformer3DModel(AnyFlowBackbone):
@@ -142,7 +194,9 @@ class AnyFlowFARTransformer3DModel(AnyFlowBackbone):
         elif clean_timestep is not None:
             raise ValueError("clean_timestep was given without clean_hidden_states")
 
-        x, _ = self._run_blocks(x, context, mod, TokenPlan(segments, rope, visible))
+        stream = [x]
+        del x  # handed over to the blocks (see _run_blocks)
+        x = self._run_blocks(stream, context, mod, TokenPlan(segments, rope, visible))
         start = sum(chunk_tokens[:num_compressed])
         full = x[:, start:start + sum(chunk_tokens[num_compressed:])]  # the noisy full-resolution tokens
         head_segments = ((full_frames, grid[1] * grid[2]),)
@@ -157,18 +211,27 @@ class AnyFlowFARTransformer3DModel(AnyFlowBackbone):
         encoder_hidden_states: Union[torch.Tensor, PreparedContext],
         cache: Optional[FarKVCache] = None,
         encoder_hidden_states_image: Optional[torch.Tensor] = None,
+        reserve_frames: int = 0,
     ) -> FarKVCache:
         """Encode the clean frames made so far, (B, F, C, H, W) in chunks of ``chunk_partition``, at t = r = 0.
 
         Without ``cache`` every chunk is encoded (as the reference does after each chunk). With the
         cache of the first of these chunks (made from these same frames), only what changed is: the
         chunks that age into the compressed part (attending to the compressed chunks already cached)
-        and the full-resolution chunks; the result is the same.
+        and the full-resolution chunks; the result is the same. The new cache takes the given one's
+        storage over, writing in place where it has room (the given cache is spent).
+
+        ``reserve_frames``: room for that many full-resolution frames after the cached ones (the
+        next chunk's), so that its :meth:`step` calls write there in place instead of growing the
+        cache (:func:`anyflow.sample_far` reserves the next chunk).
         """
         cfg = self.config
         grid = self._check_latents(latents)
         batch, frames = latents.shape[:2]
         partition = check_chunk_partition(chunk_partition, frames)
+        if isinstance(reserve_frames, bool) or not isinstance(reserve_frames, int) or reserve_frames < 0:
+            raise ValueError(f"reserve_frames must be an int >= 0 (frames of room after the cached ones), "
+                             f"got {reserve_frames!r}")
         context = self._context(encoder_hidden_states, encoder_hidden_states_image, batch)
         num_compressed = max(0, len(partition) - (cfg.full_chunk_limit - 1))
         reused = 0 if cache is None else self._reusable_chunks(cache, partition, num_compressed, latents)
@@ -178,17 +241,18 @@ class AnyFlowFARTransformer3DModel(AnyFlowBackbone):
         x, segments, rope = self._stream(latents[:, reused_frames:compressed_frames], latents[:, compressed_frames:],
                                          grid, reused_frames)
         chunk_tokens = self._chunk_tokens(partition[reused:], num_compressed - reused, grid)
-        past = cache.compressed() if reused else None
-        past_tokens = cache.compressed_tokens if reused else 0
+        past_tokens = cache.compressed_tokens if reused else 0  # the compressed chunks kept, never re-encoded
+        num_tokens = past_tokens + sum(chunk_tokens)
+        capacity = num_tokens + reserve_frames * grid[1] * grid[2]
+        storage = self._cache_storage(batch, capacity, None if cache is None else cache.take_storage(), past_tokens)
         zeros = torch.zeros(batch, frames - reused_frames, device=self.device)  # clean frames: t = r = 0
         _, mod = self.time_embed(zeros, zeros, self.dtype)
         plan = TokenPlan(segments, rope, chunk_causal(chunk_tokens, past_tokens))
-        _, kv = self._run_blocks(x, context, mod, plan, past, keep_kv=True)
-        if past is not None:
-            for i, ((pk, pv), (k, v)) in enumerate(zip(past, kv)):  # layer by layer: one layer's copy at a time
-                kv[i] = (torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1))
+        stream = [x]
+        del x  # handed over to the blocks (see _run_blocks)
+        self._run_blocks(stream, context, mod, plan, [KeyValueSlot(k, v, past_tokens) for k, v in storage])
         compressed_tokens = past_tokens + sum(chunk_tokens[:num_compressed - reused])
-        return FarKVCache(partition, num_compressed, compressed_tokens, tuple(latents.shape[-2:]), kv)
+        return FarKVCache(partition, num_compressed, compressed_tokens, tuple(latents.shape[-2:]), storage, num_tokens)
 
     def step(
         self,
@@ -200,7 +264,12 @@ class AnyFlowFARTransformer3DModel(AnyFlowBackbone):
         encoder_hidden_states_image: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Mean velocity (B, F_chunk, C_out, H, W) of the next chunk of noisy frames (B, F_chunk, C, H, W),
-        which attends to every cached frame (``cache`` None: the first chunk) and to itself."""
+        which attends to every cached frame (``cache`` None: the first chunk) and to itself.
+
+        The chunk's keys and values are written into the room after the cached ones, as scratch that
+        the next step overwrites: what the cache holds is unchanged. A cache without room for the
+        chunk (made without ``reserve_frames``) grows once to fit it, with one copy.
+        """
         grid = self._check_latents(chunk)
         batch, frames = chunk.shape[:2]
         offset = 0
@@ -210,6 +279,7 @@ class AnyFlowFARTransformer3DModel(AnyFlowBackbone):
                     f"the cache was made for batch {cache.batch_size} and latents {cache.latent_size}, the chunk is "
                     f"batch {batch} and {tuple(chunk.shape[-2:])}"
                 )
+            self._check_cache_storage(cache)
             offset = cache.num_frames
         if offset + frames > self.config.rope_max_seq_len:
             raise ValueError(f"frames {offset}..{offset + frames - 1} exceed rope_max_seq_len={self.config.rope_max_seq_len}")
@@ -220,7 +290,13 @@ class AnyFlowFARTransformer3DModel(AnyFlowBackbone):
         rt, mod = self.time_embed(t, r, self.dtype)
         segments = ((frames, grid[1] * grid[2]),)
         plan = TokenPlan(segments, rope_rotations(grid, self.config.attention_head_dim, x.device, frame_offset=offset))
-        x, _ = self._run_blocks(x, context, mod, plan, None if cache is None else cache.layers)
+        slots = None
+        if cache is not None:
+            cache.make_room(x.shape[1])
+            slots = cache.slots(cache.num_tokens)  # the chunk's keys and values go after the cached ones
+        stream = [x]
+        del x  # handed over to the blocks (see _run_blocks)
+        x = self._run_blocks(stream, context, mod, plan, slots)
         return unpatchify(self.head(x, rt, segments), grid, self.config.patch_size)
 
     def _check_latents(self, latents: torch.Tensor) -> Tuple[int, int, int]:
@@ -270,4 +346,28 @@ class AnyFlowFARTransformer3DModel(AnyFlowBackbone):
         if cache.batch_size != latents.shape[0] or cache.latent_size != tuple(latents.shape[-2:]):
             raise ValueError(f"the cache was made for batch {cache.batch_size} and latents {cache.latent_size}, "
                              f"these are batch {latents.shape[0]} and {tuple(latents.shape[-2:])}")
+        self._check_cache_storage(cache)
         return min(cache.num_compressed_chunks, num_compressed)
+
+    def _check_cache_storage(self, cache: FarKVCache) -> None:
+        """A cache's keys and values must be in this model's dtype, on its device (the stream's are written into them)."""
+        keys = cache.storage[0][0]  # (the callers have read cache.batch_size: a spent cache has raised its error)
+        if keys.dtype != self.dtype or keys.device != self.device:
+            raise ValueError(f"the cache holds {keys.dtype} on {keys.device} but the model is {self.dtype} on "
+                             f"{self.device}; encode the frames again after moving or casting the model")
+
+    def _cache_storage(self, batch: int, capacity: int, old: Optional[List[KeyValue]], keep: int) -> List[KeyValue]:
+        """Each block's keys and values storage (B, capacity, heads, head_dim): ``old`` where it holds
+        ``capacity`` (written in place), else new storage with ``old``'s first ``keep`` tokens copied over."""
+        if old is not None and old[0][0].shape[1] >= capacity:
+            return old
+        shape = (batch, capacity, self.config.num_attention_heads, self.config.attention_head_dim)
+        storage = []
+        for i in range(len(self.blocks)):
+            if old is None:
+                storage.append((torch.empty(shape, dtype=self.dtype, device=self.device),
+                                torch.empty(shape, dtype=self.dtype, device=self.device)))
+            else:
+                storage.append((_grown(old[i][0], capacity, keep), _grown(old[i][1], capacity, keep)))
+                old[i] = None  # freed before the next block's storage grows: one block's old and new at a time
+        return storage

@@ -7,6 +7,7 @@ model on it, :class:`anyflow.far.AnyFlowFARTransformer3DModel` the frame-autoreg
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import weakref
@@ -17,18 +18,23 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import KeyValue
+from .attention import KeyValueSlot
 from .block import DiTBlock, modulate, modulation_table
 from .config import AnyFlowConfig, AnyFlowFARConfig
 from .context import ImageProjection, TextProjection
-from .devices import resolve_device
+from .devices import configure_precision, resolve_device
 from .layout import Segment, TokenPlan
+from .fp8 import FLOAT8, float8_layers, holds_float8, quantise_block_linears
 from .linear import Linear
+from .offload import BlockOffloader, check_offload, offload_blocks
 from .parameters import DTYPE_NAMES, is_fp32_island
 from .patchify import PatchEmbed, unpatchify
 from .rope import rope_rotations
 from .sequence_parallel import gather_tokens, shard_stream
 from .timestep import DualTimestepEmbedding
+from .torch_support import check_torch_version
+
+check_torch_version()
 
 TimestepLike = Union[torch.Tensor, numbers.Real]
 
@@ -106,6 +112,7 @@ class AnyFlowBackbone(nn.Module):
         self.head = OutputHead(d, config.out_channels, config.patch_size, config.eps)
         self.gradient_checkpointing = False
         self.sequence_parallel_group = None  # set by anyflow.parallel.parallelize
+        self.block_offload: Optional[BlockOffloader] = None  # set by anyflow.offload.offload_blocks
 
     @property
     def dtype(self) -> torch.dtype:
@@ -129,7 +136,9 @@ class AnyFlowBackbone(nn.Module):
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating point dtype, got {dtype}")
         for name, param in self.named_parameters():
-            param.data = param.data.to(torch.float32 if is_fp32_island(name) else dtype)
+            if param.dtype != FLOAT8:  # scaled float8 weights (anyflow.fp8) stay float8, their layers compute in dtype
+                param.data = param.data.to(torch.float32 if is_fp32_island(name) else dtype)
+        configure_precision(self.device, dtype)
         return self
 
     @classmethod
@@ -139,8 +148,10 @@ class AnyFlowBackbone(nn.Module):
         dtype: Optional[Union[str, torch.dtype]] = None,
         device: Union[str, torch.device] = "cpu",
         *,
+        weight_dtype: Optional[Union[str, torch.dtype]] = None,
         lora: Optional[Sequence[Union[str, Tuple[str, float]]]] = None,
         lora_skip_unknown: bool = False,
+        offload: Optional[str] = None,
     ) -> "AnyFlowBackbone":
         """Load any checkpoint :mod:`weights_convert` reads: our layout, a Hub snapshot (or its
         ``transformer`` folder), a single safetensors file, an authors' ``.pt`` (a PEFT-wrapped one
@@ -153,14 +164,27 @@ class AnyFlowBackbone(nn.Module):
         ``lora``: LoRA adapter files, or (file, scale) pairs, merged into the weights as they are
         read (see :meth:`merge_lora`); ``lora_skip_unknown`` leaves out adapter modules this model
         does not have instead of refusing the adapter.
+
+        ``weight_dtype="float8_e4m3fn"`` (or ``torch.float8_e4m3fn``) holds the blocks' linear weights as
+        float8 with a float32 scale per row, quantised one tensor at a time as they are read; they compute
+        in ``dtype`` (:mod:`anyflow.fp8`, docs/FP8.md). None keeps the checkpoint's: a scaled float8 one
+        (``anyflow-convert --dtype float8_e4m3fn``) loads as float8, any other in ``dtype``.
+
+        ``offload="blocks"``: the DiT blocks' weights stay in host memory (pinned on CUDA) and are copied to
+        ``device`` one block at a time as they run, the rest of the model on ``device`` (see
+        :mod:`anyflow.offload`; inference only). With ``device="cpu"`` it saves nothing and only runs the same
+        logic. None (the default) puts the whole model on ``device``.
         """
         from weights_convert import load_checkpoint  # reads every layout into (config, tensors under our names)
 
         device = resolve_device(device)
-        config, state_dict = load_checkpoint(path, dtype=dtype, device=device, lora=lora,
-                                             lora_skip_unknown=lora_skip_unknown)
+        offload = check_offload(offload)
+        config, state_dict = load_checkpoint(path, dtype=dtype, device="cpu" if offload else device, lora=lora,
+                                             lora_skip_unknown=lora_skip_unknown, weight_dtype=weight_dtype)
         cls.check_config(config, path)
-        return cls.from_state_dict(config, state_dict)
+        model = cls.from_state_dict(config, state_dict)
+        configure_precision(device, model.dtype)  # float16 on CUDA: float32 partial sums in matmuls
+        return model if offload is None else offload_blocks(model, device)
 
     @torch.no_grad()
     def merge_lora(self, path: str, scale: float = 1.0, skip_unknown: bool = False) -> "AnyFlowBackbone":
@@ -169,7 +193,8 @@ class AnyFlowBackbone(nn.Module):
         Formats (recognised from the keys): diffusers / PEFT, Wan2.1 original / ComfyUI (with
         ``.diff`` and ``.diff_b`` deltas), musubi-tuner; see :mod:`weights_convert.lora`. Each
         changed weight becomes ``W + scale * (alpha / rank) * B @ A``, computed in float32 and
-        rounded once to its dtype; one parameter at a time, no copy of the model. The whole
+        rounded once to its dtype (a scaled float8 weight is dequantised, and quantised again with new
+        scales); one parameter at a time, no copy of the model. The whole
         adapter (names, shapes, values) is checked first: on any error the model is untouched.
         ``skip_unknown`` leaves out adapter modules this model does not have (for example the image
         cross-attention of a Wan2.1 image-to-video LoRA) instead of refusing the adapter.
@@ -184,10 +209,14 @@ class AnyFlowBackbone(nn.Module):
         shapes = {name: tuple(p.shape) for name, p in parameters.items()}
         adapter = open_adapter(path)
         adapter.check(shapes, skip_unknown)
+        float8 = float8_layers(self)
         for name, delta, part in adapter.targets(shapes):
             param = parameters[name]
-            change = delta.change(part, shapes[name], scale).to(param.device)  # float32
-            param.copy_(change.add_(param))  # the sum made in float32, rounded once
+            change = delta.change(part, shapes[name], scale, device=param.device)  # float32, made on the device
+            if name in float8:
+                float8[name].add_to_weight_(change)  # dequantised, summed in float32, quantised again
+            else:
+                param.copy_(change.add_(param))  # the sum made in float32, rounded once
         return self
 
     @classmethod
@@ -206,6 +235,8 @@ class AnyFlowBackbone(nn.Module):
         """The model of ``config`` holding exactly these tensors (our names; no initialisation, no copy)."""
         with torch.device("meta"):
             model = cls(config)
+            if holds_float8(state_dict):  # scaled float8 block weights and their scales (anyflow.fp8)
+                quantise_block_linears(model)
         model.load_state_dict(state_dict, strict=True, assign=True)
         return model.eval()
 
@@ -218,6 +249,34 @@ class AnyFlowBackbone(nn.Module):
 
         save_state_dict(self.config, self.state_dict(), path, max_shard_size=max_shard_size, force=force)
 
+    def compile_blocks(self, **options: Any) -> "AnyFlowBackbone":
+        """Compile every DiT block with ``torch.compile(**options)``, in place; returns self.
+
+        Regional compilation: the blocks share one compiled graph (their weights are its inputs),
+        so compiling takes the time of one block, whatever the depth. The embeddings, the head and
+        the samplers stay eager; timesteps reach the blocks as tensors, so one graph serves every
+        step of a schedule. A new token count (another video size, a FAR chunk seeing a longer
+        cache) compiles once more.
+        """
+        for block in self.blocks:
+            block.compile(**options)
+        return self
+
+    def set_ffn_chunking(self, tokens_per_chunk: Optional[int] = None) -> "AnyFlowBackbone":
+        """Run every block's feed-forward on at most ``tokens_per_chunk`` tokens at a time; returns self.
+
+        None (the default) chunks on CPUs only (:data:`anyflow.block.CPU_TOKENS_PER_CHUNK`), where it
+        bounds the peak memory at a small cost; on a GPU all tokens go at once, which is faster. A
+        number chunks on any device (on a GPU short of memory, for example: the hidden activation
+        is tokens x ffn_dim, about 0.9 GB at 14B 480p in bfloat16 per 32,760 tokens).
+        """
+        if tokens_per_chunk is not None and (isinstance(tokens_per_chunk, bool) or not isinstance(tokens_per_chunk, int)
+                                             or tokens_per_chunk < 1):
+            raise ValueError(f"tokens_per_chunk must be a positive int or None, got {tokens_per_chunk!r}")
+        for block in self.blocks:
+            block.ffn.tokens_per_chunk = tokens_per_chunk
+        return self
+
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in the backward pass (saves memory when training)."""
         self.gradient_checkpointing = enabled
@@ -228,7 +287,8 @@ class AnyFlowBackbone(nn.Module):
         """Embed text (B, S, text_dim) and image (B, S_img, image_dim) tokens and project every
         block's cross-attention keys and values, once."""
         context = self._embed_context(encoder_hidden_states, encoder_hidden_states_image)
-        kv = [block.context_kv(context) for block in self.blocks]
+        with self._blocks_in_turn() as blocks:
+            kv = [block.context_kv(context) for block in blocks]
         return PreparedContext(context.shape[0], kv, weakref.ref(self))
 
     def _embed_context(self, text: torch.Tensor, image: Optional[torch.Tensor]) -> torch.Tensor:
@@ -259,26 +319,32 @@ class AnyFlowBackbone(nn.Module):
 
     def _run_blocks(
         self,
-        x: torch.Tensor,
+        stream: List[torch.Tensor],
         context: Union[torch.Tensor, PreparedContext],
         mod: torch.Tensor,
         plan: TokenPlan,
-        past: Optional[Sequence[KeyValue]] = None,
-        keep_kv: bool = False,
-    ) -> Tuple[torch.Tensor, List[KeyValue]]:
-        """Every block on tokens x (B, L, D); returns x and, with ``keep_kv``, each block's self-attention
-        keys (rotated) and values of the stream. ``past``: each block's cached keys and values."""
-        kept = []
-        for i, block in enumerate(self.blocks):
-            block_context = context.kv[i] if isinstance(context, PreparedContext) else context
-            block_past = None if past is None else past[i]
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, kv = checkpoint(block, x, block_context, mod, plan, block_past, use_reentrant=False)
-            else:
-                x, kv = block(x, block_context, mod, plan, block_past)
-            if keep_kv:
-                kept.append(kv)
-        return x, kept
+        slots: Optional[Sequence[KeyValueSlot]] = None,
+    ) -> torch.Tensor:
+        """Every block on the tokens (B, L, D) that ``stream``, a one-element list, hands over; returns
+        the last block's output. The tokens are taken out of the list, so that no reference of the
+        caller keeps them alive while the blocks run (one (L, D) activation less at the peak).
+        ``slots``: where each block keeps its self-attention keys and values
+        (:class:`anyflow.attention.KeyValueSlot`)."""
+        x = stream.pop()
+        with self._blocks_in_turn() as blocks:
+            for i, block in enumerate(blocks):
+                block_context = context.kv[i] if isinstance(context, PreparedContext) else context
+                slot = None if slots is None else slots[i]
+                if self.gradient_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(block, x, block_context, mod, plan, slot, use_reentrant=False)
+                else:
+                    x = block(x, block_context, mod, plan, slot)
+        return x
+
+    def _blocks_in_turn(self):
+        """A context giving the blocks in order; with block offload (:mod:`anyflow.offload`) each holds its
+        weights on the device only while it is used."""
+        return contextlib.nullcontext(self.blocks) if self.block_offload is None else self.block_offload.in_turn()
 
     def _check_latents(self, latents: torch.Tensor) -> Tuple[int, int, int]:
         """Validate (B, F, C, H, W) latents; return the patch grid (F, H/ph, W/pw)."""
@@ -341,26 +407,34 @@ class AnyFlowBackbone(nn.Module):
             )
 
     def _timestep_grid(self, value: TimestepLike, name: str, batch: int, frames: int) -> torch.Tensor:
-        """A number, 0-d, (B,) or (B, F) timestep -> finite float (B, F) on the model's device."""
+        """A number, 0-d, (B,) or (B, F) timestep -> finite float (B, F) on the model's device.
+
+        Nothing here waits for the device: a number is checked on the host and filled in on the
+        device (no host-to-device copy); a tensor is checked only where it lives on the host (a
+        device tensor's check would wait for the device: the samplers make their timesteps from a
+        schedule checked on the host). A tensor keeps one compiled graph for every timestep value.
+        """
         if isinstance(value, bool) or not isinstance(value, (torch.Tensor, numbers.Real)):
             raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
-        tensor = torch.as_tensor(value, device=self.device)
-        if tensor.is_complex() or tensor.dtype == torch.bool:
-            raise TypeError(f"{name} must be real-valued, got dtype {tensor.dtype}")
+        if not isinstance(value, torch.Tensor):
+            if not math.isfinite(value):
+                raise ValueError(f"{name} has non-finite values: {value}")
+            return torch.full((batch, frames), float(value), dtype=torch.float32, device=self.device)
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be real-valued, got dtype {value.dtype}")
+        if value.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.isfinite(value).all():
+            raise ValueError(f"{name} has non-finite values: {value.tolist()}")
         # float64 stays float64 until the sinusoid, so that t - r is formed as precisely as given
-        tensor = tensor.to(torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+        tensor = value.to(self.device, torch.float64 if value.dtype == torch.float64 else torch.float32)
         if tensor.dim() == 1:
             tensor = tensor[:, None]  # (B,) -> (B, 1): one timestep per sample
         try:
-            tensor = torch.broadcast_to(tensor, (batch, frames))
+            return torch.broadcast_to(tensor, (batch, frames))
         except RuntimeError:
             raise ValueError(
-                f"{name} of shape {tuple(torch.as_tensor(value).shape)} does not broadcast to (B, F) = "
+                f"{name} of shape {tuple(value.shape)} does not broadcast to (B, F) = "
                 f"({batch}, {frames}); give a number, a (B,) or a (B, F) tensor"
             ) from None
-        if not torch.compiler.is_compiling() and not torch.isfinite(tensor).all():
-            raise ValueError(f"{name} has non-finite values: {tensor.tolist()}")
-        return tensor
 
 
 class AnyFlowTransformer3DModel(AnyFlowBackbone):
@@ -414,9 +488,11 @@ class AnyFlowTransformer3DModel(AnyFlowBackbone):
         if self.sequence_parallel_group is not None:  # this rank's tokens only (anyflow.parallel)
             if torch.is_grad_enabled():
                 raise RuntimeError("sequence parallelism runs inference only: call the model under torch.no_grad() "
-                                   "or torch.inference_mode() (to train, shard the weights alone)")
+                                   "(to train, shard the weights alone)")
             x, segments, rope, (rt, mod), split = shard_stream(self.sequence_parallel_group, x, segments, rope, (rt, mod))
-        x, _ = self._run_blocks(x, context, mod, TokenPlan(segments, rope, sequence=split))
+        stream = [x]
+        del x  # handed over to the blocks (see _run_blocks)
+        x = self._run_blocks(stream, context, mod, TokenPlan(segments, rope, sequence=split))
         out = self.head(x, rt, segments)  # (B, L, ph*pw*C_out)
         if split is not None:
             out = gather_tokens(out, split)

@@ -1,9 +1,14 @@
 """A model over several processes with PyTorch's own engine: FSDP2 for the weights, Ulysses for the tokens.
 
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))       # this rank's GPU, before anything else
     torch.distributed.init_process_group()                      # torchrun sets the environment
     mesh = init_device_mesh("cuda", (torch.distributed.get_world_size(),))
     model = load_parallel(AnyFlowTransformer3DModel, path, mesh, dtype="bfloat16")  # each rank reads its shard
     latents = sample(model, noise, text)                         # the same call as on one device
+
+Call a parallel model under ``torch.no_grad()``, not ``torch.inference_mode()``: FSDP2's gathered
+weights are version-counted tensors, which some torch releases refuse to use inside inference mode
+(``sample`` and ``sample_far`` use ``no_grad``).
 
 - Weight sharding: ``fully_shard`` (FSDP2) per block, per module that runs once a forward (time
   embedding, text projection, head), then the root; a unit's weights are all-gathered just before
@@ -11,7 +16,8 @@
   :data:`anyflow.parameters.FP32_ISLANDS`) stay whole on every rank: FSDP2 gathers a unit's
   weights as one buffer of one dtype, and holding them in the half dtype would change the
   numerics. They are small (about 110 MB in float32 for 14B), and their gradients are averaged
-  over the ranks by hooks, as FSDP averages the sharded ones.
+  over the ranks in one all-reduce at the end of each backward pass, as FSDP averages the sharded
+  ones. FSDP reduces the sharded gradients in float32 whatever the weights' dtype.
 - Sequence parallelism (bidirectional model, inference): each rank holds about L/P tokens and
   attention exchanges heads for tokens (:mod:`anyflow.sequence_parallel`). The attention heads
   must divide evenly over the ranks.
@@ -22,15 +28,18 @@ agreed on by all, so a bad setup ends with the same error on every rank instead 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Type, Union
+import os
+from typing import Callable, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 import torch
 import torch.distributed as dist
 
-from .devices import resolve_device
+from .devices import configure_precision, resolve_device
 from .far import AnyFlowFARTransformer3DModel
 from .model import AnyFlowBackbone
 from .parameters import DTYPE_NAMES, is_fp32_island
+
+T = TypeVar("T")
 
 # methods besides forward that run blocks or root weights, so FSDP must gather weights for them
 FORWARD_METHODS = ("prepare_context", "step", "encode_cache")
@@ -38,7 +47,7 @@ FORWARD_METHODS = ("prepare_context", "step", "encode_cache")
 
 def parallelize(model: AnyFlowBackbone, mesh, *, shard_weights: bool = True, sequence_parallel: bool = True) -> AnyFlowBackbone:
     """Make ``model`` (on every rank, possibly on the meta device) run over the 1-D device ``mesh``; in place."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     check_mesh(model, mesh)
     ranks = mesh.size()
@@ -53,12 +62,14 @@ def parallelize(model: AnyFlowBackbone, mesh, *, shard_weights: bool = True, seq
         model.sequence_parallel_group = mesh.get_group()
     if shard_weights:
         islands = {p for name, p in model.named_parameters() if is_fp32_island(name)}
+        # weights computed in the dtype they are held in; gradients reduced over the ranks in float32
+        shard = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
         for block in model.blocks:
-            fully_shard(block, mesh=mesh, ignored_params=islands & set(block.parameters()))
+            fully_shard(block, **shard, ignored_params=islands & set(block.parameters()))
             register_fsdp_forward_method(block, "context_kv")
         for once in (model.time_embed, model.text_proj, model.head):  # run once a forward: gathered only then
-            fully_shard(once, mesh=mesh, ignored_params=islands & set(once.parameters()))
-        fully_shard(model, mesh=mesh, ignored_params=islands)
+            fully_shard(once, **shard, ignored_params=islands & set(once.parameters()))
+        fully_shard(model, **shard, ignored_params=islands)
         for method in FORWARD_METHODS:
             if hasattr(model, method):
                 register_fsdp_forward_method(model, method)
@@ -68,11 +79,15 @@ def parallelize(model: AnyFlowBackbone, mesh, *, shard_weights: bool = True, seq
 
 
 def average_island_gradients(model: AnyFlowBackbone, mesh) -> None:
-    """Average the replicated fp32 islands' gradients over the ranks after backward, as FSDP averages the rest."""
-    group = mesh.get_group()
-    for name, param in model.named_parameters():
-        if is_fp32_island(name) and param.requires_grad:
-            param.register_post_accumulate_grad_hook(_averaged_over(group))
+    """Average the replicated fp32 islands' gradients over the ranks after backward, as FSDP averages the rest.
+
+    The first island gradient of a backward pass queues one callback for the end of that pass, which
+    sums every island gradient over the ranks in one all-reduce (one flat float32 buffer) and divides.
+    """
+    islands = [param for name, param in model.named_parameters() if is_fp32_island(name) and param.requires_grad]
+    averaging = IslandAveraging(islands, mesh.get_group())
+    for param in islands:
+        param.register_post_accumulate_grad_hook(averaging.gradient_ready)
 
 
 def load_parallel(
@@ -94,37 +109,91 @@ def load_parallel(
     mesh's device type (this rank's CUDA device when it is CUDA). ``lora`` merges LoRA adapters
     as in ``from_pretrained``, each rank computing the changes of its own rows only.
     """
-    from weights_convert.lora import apply_adapters
+    from weights_convert.lora import MergedTensor, apply_adapters
     from weights_convert.safetensors_io import torch_dtype
     from weights_convert.sources import open_checkpoint
 
-    device = None if device is None else resolve_device(device)
-    checkpoint = open_checkpoint(path)  # headers only; every tensor is read below, rows at a time
-    checkpoint.tensors = apply_adapters(checkpoint.tensors, lora, lora_skip_unknown)
-    model_class.check_config(checkpoint.config, path)
+    def open_and_check():
+        checkpoint = open_checkpoint(path)  # headers only; every tensor is read below, rows at a time
+        checkpoint.tensors = apply_adapters(checkpoint.tensors, lora, lora_skip_unknown)
+        model_class.check_config(checkpoint.config, path)
+        if isinstance(dtype, str) and dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be a torch dtype or one of {list(DTYPE_NAMES)}, got {dtype!r}")
+        return checkpoint, (this_ranks_device(mesh) if device is None else resolve_device(device))
+
+    checkpoint, device = agreed(open_and_check)  # one rank's error is every rank's: none waits in a collective
     if dtype is None:
         dtype = torch_dtype(checkpoint.tensors["patch_embed.proj.weight"].dtype)
-    if isinstance(dtype, str) and dtype not in DTYPE_NAMES:
-        raise ValueError(f"dtype must be a torch dtype or one of {list(DTYPE_NAMES)}, got {dtype!r}")
     with torch.device("meta"):
         model = model_class(checkpoint.config).to_dtype(dtype)
     parallelize(model, mesh, shard_weights=shard_weights, sequence_parallel=sequence_parallel)
-    if device is None:
-        device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else "cpu"
     model.to_empty(device=device)
     with torch.no_grad():
         for name, param in model.named_parameters():
             local = param.to_local() if hasattr(param, "to_local") else param
             lazy = checkpoint.tensors[name]
             start, stop = _local_rows(lazy.shape[0] if lazy.shape else 1, param, mesh)
-            piece = lazy.read_rows(start, stop)
+            # moved as stored and cast on the device; LoRA products made there too
+            piece = lazy.read_rows(start, stop, device) if isinstance(lazy, MergedTensor) else lazy.read_rows(start, stop)
             if tuple(piece.shape) != tuple(local.shape):
                 raise ValueError(f"{name}: this rank's shard is {tuple(local.shape)}, the checkpoint gives "
                                  f"{tuple(piece.shape)} (an FSDP sharding this loader does not know)")
-            local.copy_(piece.to(local.dtype))
+            local.copy_(piece.to(device))
+    configure_precision(model.device, model.dtype)
     if shard_weights:
         average_island_gradients(model, mesh)
     return model.eval()
+
+
+def this_ranks_device(mesh) -> torch.device:
+    """The device of this rank on ``mesh``: the CPU, or the current CUDA device, which must be this
+    rank's (``LOCAL_RANK``, as torchrun sets it) when torchrun started the processes."""
+    if mesh.device_type != "cuda":
+        return torch.device(mesh.device_type)
+    current = torch.cuda.current_device()
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None and int(local_rank) % torch.cuda.device_count() != current:
+        raise RuntimeError(
+            f"rank {dist.get_rank()} (LOCAL_RANK {local_rank}) would run on cuda:{current}: call "
+            f"torch.cuda.set_device(int(os.environ['LOCAL_RANK'])) before init_process_group, or pass "
+            f"device_id=torch.device('cuda', int(os.environ['LOCAL_RANK'])) to it"
+        )
+    return torch.device("cuda", current)
+
+
+def agreed(work: Callable[[], T]) -> T:
+    """``work()`` on every rank; when it raises on any rank, every rank raises (the failing ones their own
+    error, the others one naming it) instead of the others waiting in their next collective.
+
+    The ranks agree over a CPU (gloo) group, which needs no device: a rank whose GPU is not set up
+    can still take part.
+    """
+    error, result = None, None
+    try:
+        result = work()
+    except Exception as exc:  # every failure, shared with the other ranks, then raised
+        error = exc
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}", group=_host_group())
+    if error is not None:
+        raise error
+    failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+    if failed:
+        rank, message = failed[0]
+        raise RuntimeError(f"rank {rank} failed before loading ({message}); every rank stops")
+    return result
+
+
+_HOST_GROUPS = {}
+
+
+def _host_group():
+    """A gloo group over every rank (the default group when it is gloo already), made once."""
+    if dist.get_backend() == "gloo":
+        return None
+    if "gloo" not in _HOST_GROUPS:
+        _HOST_GROUPS["gloo"] = dist.new_group(backend="gloo")
+    return _HOST_GROUPS["gloo"]
 
 
 def check_mesh(model: AnyFlowBackbone, mesh) -> None:
@@ -152,11 +221,27 @@ def _local_rows(rows: int, param, mesh) -> Tuple[int, int]:
     return start, min(start + size, rows)
 
 
-def _averaged_over(group):
-    size = dist.get_world_size(group)
+class IslandAveraging:
+    """One all-reduce of every fp32 island's gradient at the end of each backward pass."""
 
-    def average(param: torch.Tensor) -> None:
-        dist.all_reduce(param.grad, group=group)  # a sum: AVG is not on every backend
-        param.grad.div_(size)
+    def __init__(self, params: Sequence[torch.nn.Parameter], group):
+        self.params, self.group = list(params), group
+        self.queued = False
 
-    return average
+    def gradient_ready(self, param: torch.Tensor) -> None:
+        if not self.queued:
+            self.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.average)
+
+    def average(self) -> None:
+        self.queued = False
+        grads = [p.grad for p in self.params if p.grad is not None]  # the same islands on every rank
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])  # all float32
+        dist.all_reduce(flat, group=self.group)  # a sum: AVG is not on every backend
+        flat.div_(dist.get_world_size(self.group))
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()

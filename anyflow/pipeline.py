@@ -95,12 +95,17 @@ class VideoPipeline:
     @classmethod
     def from_pretrained(cls, path: str, dtype: Optional[Union[str, torch.dtype]] = None,
                         device: Union[str, torch.device] = "cpu", *, vae_dtype: Union[str, torch.dtype] = "float32",
-                        lora=None, lora_skip_unknown: bool = False, keep_text_encoder: bool = False) -> "VideoPipeline":
+                        lora=None, lora_skip_unknown: bool = False, keep_text_encoder: bool = False,
+                        offload: Optional[str] = None,
+                        weight_dtype: Optional[Union[str, torch.dtype]] = None) -> "VideoPipeline":
         """Load a pipeline snapshot.
 
         ``dtype`` is the transformer's and the text encoder's (None keeps the files'; the fp32
         islands stay float32); the VAE runs in ``vae_dtype`` (float32 by default, as Wan runs it).
-        ``lora`` and ``lora_skip_unknown`` are the transformer's, as in ``from_pretrained``.
+        ``lora`` and ``lora_skip_unknown`` are the transformer's, as in ``from_pretrained``; so is ``offload``
+        ("blocks": the transformer's DiT blocks stay in host memory and visit ``device`` one at a time, see
+        :mod:`anyflow.offload`; the text encoder and the VAE are not offloaded), and ``weight_dtype``
+        ("float8_e4m3fn": the transformer's block linear weights held in scaled float8, :mod:`anyflow.fp8`).
         """
         from .far import AnyFlowFARTransformer3DModel
         from .model import AnyFlowTransformer3DModel
@@ -112,7 +117,8 @@ class VideoPipeline:
         tokenizer = load_tokenizer(snapshot.folder("tokenizer"))
         model_class = AnyFlowFARTransformer3DModel if snapshot.far else AnyFlowTransformer3DModel
         transformer = model_class.from_pretrained(snapshot.folder("transformer"), dtype=dtype, device=device, lora=lora,
-                                                  lora_skip_unknown=lora_skip_unknown)
+                                                  lora_skip_unknown=lora_skip_unknown, offload=offload,
+                                                  weight_dtype=weight_dtype)
         vae = WanVAE.from_pretrained(snapshot.folder("vae"), dtype=vae_dtype, device=device)
         text_dtype = None if dtype is None else _dtype(dtype)
         return cls(snapshot, transformer, vae, tokenizer, text_dtype, device, keep_text_encoder)

@@ -10,6 +10,7 @@ kernel), under ``torch.compile`` as the same product in real arithmetic, which i
 
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import torch
@@ -52,7 +53,29 @@ def rope_rotations(
     ``grid`` is the patch grid (F, h, w) of the tokens, in (frame, row, column) order; frames are
     at absolute positions ``frame_offset ..``. ``pool`` is (rows, columns) of full-resolution
     patches per token, for the FAR model's compressed tokens.
+
+    Tables are cached by their arguments (the last :data:`CACHED_TABLES`): a sampler's steps reuse
+    one table instead of rebuilding it in float64 every forward. A cached table is a plain tensor,
+    made outside inference mode and autograd, so any caller may use it; under ``torch.compile``
+    the table is built in the graph instead.
     """
+    if torch.compiler.is_compiling():
+        return build_rope_rotations(tuple(grid), head_dim, torch.device(device), frame_offset, tuple(pool), theta)
+    return _cached_rotations(tuple(grid), head_dim, torch.device(device), frame_offset, tuple(pool), theta)
+
+
+CACHED_TABLES = 8  # a video's table and a FAR run's chunk and cache tables
+
+
+@functools.lru_cache(maxsize=CACHED_TABLES)
+def _cached_rotations(grid, head_dim, device, frame_offset, pool, theta) -> torch.Tensor:
+    with torch.inference_mode(False), torch.no_grad():
+        return build_rope_rotations(grid, head_dim, device, frame_offset, pool, theta)
+
+
+def build_rope_rotations(grid: Tuple[int, int, int], head_dim: int, device: torch.device, frame_offset: int,
+                         pool: Tuple[int, int], theta: float) -> torch.Tensor:
+    """:func:`rope_rotations` made anew."""
     f, h, w = grid
     frame_pairs, row_pairs, column_pairs = rope_axis_pairs(head_dim)
     frames = axis_rotations(frame_offset, f, frame_pairs, 1, device, theta)

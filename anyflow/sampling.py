@@ -299,7 +299,9 @@ def sample_far(
                 for i in steps:
                     t = (schedule[i] * TRAIN_TIMESTEPS).item()
                     r = (schedule[i + 1] * TRAIN_TIMESTEPS).item() if use_mean_velocity else t
-                    z = flow_map_step(z, model.step(z, t, r, context, cache), schedule, i)
+                    # (B, F_chunk) float32 timesteps filled in on the device: one compiled graph for every step
+                    t_grid, r_grid = (torch.full(z.shape[:2], value, device=device) for value in (t, r))
+                    z = flow_map_step(z, model.step(z, t_grid, r_grid, context, cache), schedule, i)
                     if callback is not None:
                         callback(chunk, i, t, z)
                 latents[:, start:stop] = z
@@ -307,7 +309,8 @@ def sample_far(
                 chunk_callback(chunk, latents[:, start:stop])
             if chunk < len(partition) - 1:
                 cache = model.encode_cache(latents[:, :stop], partition[:chunk + 1], context,
-                                           cache if incremental_cache else None)
+                                           cache if incremental_cache else None,
+                                           reserve_frames=partition[chunk + 1])  # the next chunk's steps write there
     return latents
 
 

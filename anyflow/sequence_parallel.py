@@ -3,8 +3,8 @@
 Each of P ranks holds a contiguous range of the tokens (sizes differ by one at most, so no token
 is padding and nothing extra enters a softmax). Everything per token (norms, modulation, the q/k
 RMSNorm over all heads, RoPE, the FFN, cross-attention to the whole text context) runs on the
-rank's own tokens. Self-attention needs all tokens: q, k and v are exchanged with one
-``all_to_all_single`` each so that every rank holds all tokens for H/P heads, attends them, and
+rank's own tokens. Self-attention needs all tokens: q, k and v are exchanged together in one
+``all_to_all_single`` so that every rank holds all tokens for H/P heads, attends them, and
 the output is exchanged back. The head's outputs are gathered once at the end.
 """
 
@@ -67,16 +67,19 @@ def local_segments(segments: Sequence[Segment], start: int, stop: int) -> Tuple[
     return tuple(local), first, last + 1
 
 
-def heads_to_tokens(x: torch.Tensor, split: TokenSplit) -> torch.Tensor:
-    """(B, L_rank, H, d) of this rank's tokens -> (B, L, H/P, d): all tokens, this rank's heads."""
+def heads_to_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    split: TokenSplit) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, L_rank, H, d) of this rank's tokens -> each (B, L, H/P, d): all tokens, this rank's
+    heads; the three are exchanged together in one ``all_to_all_single``."""
     parts = len(split.sizes)
-    b, length, heads, d = x.shape
-    # to rank j goes head group j of our tokens: (P, L_rank, B, H/P, d), flattened over (P, L_rank)
-    send = x.reshape(b, length, parts, heads // parts, d).permute(2, 1, 0, 3, 4).contiguous()
-    received = x.new_empty(sum(split.sizes), b, heads // parts, d)
-    dist.all_to_all_single(received, send.view(parts * length, b, heads // parts, d), list(split.sizes),
+    b, length, heads, d = q.shape
+    group_heads = heads // parts
+    # to rank j goes head group j of our q, k and v: (P, L_rank, B, 3, H/P, d), laid out in one copy
+    send = torch.stack([t.reshape(b, length, parts, group_heads, d).permute(2, 1, 0, 3, 4) for t in (q, k, v)], dim=3)
+    received = q.new_empty(sum(split.sizes), b, 3, group_heads, d)
+    dist.all_to_all_single(received, send.view(parts * length, b, 3, group_heads, d), list(split.sizes),
                            [length] * parts, group=split.group)
-    return received.transpose(0, 1)  # (B, L, H/P, d): ranks' tokens come back in rank (token) order
+    return received.transpose(0, 1).unbind(2)  # ranks' tokens come back in rank (token) order
 
 
 def tokens_to_heads(x: torch.Tensor, split: TokenSplit) -> torch.Tensor:

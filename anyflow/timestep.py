@@ -30,6 +30,12 @@ def timestep_sinusoid(timesteps: torch.Tensor, dim: int, max_period: float = 100
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
+def gate_weights(gate_value: float, dtype: torch.dtype) -> Tuple[float, float]:
+    """(g, 1 - g) with g rounded to ``dtype`` and 1 - g computed and rounded in ``dtype``, as Python floats."""
+    gate = torch.tensor(gate_value, dtype=dtype, device="cpu")
+    return gate.item(), (1 - gate).item()
+
+
 class TimestepMLP(nn.Module):
     """Linear(freq_dim -> D), SiLU, Linear(D -> D) applied to a timestep sinusoid."""
 
@@ -59,6 +65,8 @@ class DualTimestepEmbedding(nn.Module):
         self.source_time_mlp = TimestepMLP(freq_dim, hidden_size)
         self.target_time_mlp = TimestepMLP(freq_dim, hidden_size)
         self.modulation_proj = Linear(hidden_size, 6 * hidden_size)
+        # (g, 1 - g) for each dtype the model can be held in, made once here (not traced under torch.compile)
+        self.gates = {dtype: gate_weights(gate_value, dtype) for dtype in (torch.float32, torch.bfloat16, torch.float16)}
 
     def forward(
         self, timestep: torch.Tensor, r_timestep: torch.Tensor, dtype: torch.dtype
@@ -72,8 +80,9 @@ class DualTimestepEmbedding(nn.Module):
         batch, frames = timestep.shape
         source = self.source_time_mlp(timestep_sinusoid(timestep.reshape(-1), self.freq_dim)).to(dtype)
         target = self.target_time_mlp(timestep_sinusoid(delta.reshape(-1), self.freq_dim)).to(dtype)
-        # The gate is a constant rounded to the target MLP's dtype, as in the released code.
-        gate = torch.tensor(self.gate_value, dtype=self.target_time_mlp.fc_in.weight.dtype, device=target.device)
-        rt = (1 - gate) * source + gate * target  # (B*F, D)
+        # The gate is a constant rounded to the target MLP's dtype (as in the released code), and so is 1 - gate;
+        # given as Python numbers, they reach the kernels as scalars: no tensor is copied to the device
+        gate, keep = self.gates[self.target_time_mlp.fc_in.weight.dtype]
+        rt = keep * source + gate * target  # (B*F, D)
         mod = self.modulation_proj(F.silu(rt))  # (B*F, 6D)
         return rt.view(batch, frames, -1), mod.view(batch, frames, 6, -1)

@@ -1,18 +1,21 @@
 """Forward speed and memory, ours against diffusers' AnyFlowTransformer3DModel, side by side in one run.
 
     python scripts/bench.py [--configs tiny,mid,full-1.3b,480p-1-layer] [--dtypes float32,bfloat16] [--repeats 5]
-                            [--compile] [--device cpu|cuda] [--workdir DIR]
+                            [--compile] [--cold] [--device cpu|cuda] [--workdir DIR]
 
 Both models get the same random weights (written once by the oracle's ``save_pretrained``; ours
 loads them with ``from_pretrained``, the oracle with ``from_pretrained(..., torch_dtype=...)``, so
 its bf16 model keeps its fp32 islands) and the same inputs. Every measurement runs in a fresh
-subprocess, ours and the oracle alternating: load, (warm-up on small configs), then one timed
-forward with the peak RSS reset just before it (``/proc/self/clear_refs``) and every weight made
-resident first, so the RSS growth is the forward's own. The table gives medians over --repeats, the ratios ours/oracle, achieved
+subprocess, ours and the oracle alternating: load, one warm-up forward, then one timed forward
+with the peak RSS reset just before it (``/proc/self/clear_refs``) and every weight made resident
+first, so the RSS growth is the forward's own in the steady state of a sampler's forwards (a cold
+first forward measures more, and less steadily: 522 MB instead of 421 for ours at ``mid`` fp32;
+``--cold`` measures it). The table gives medians over --repeats, the ratios ours/oracle, achieved
 GFLOP/s (matmul and attention FLOPs of the forward) next to a matmul rate measured in this run,
 and the parity of the two outputs. For ours, ``est MB`` is the activation part of the memory
 estimate ``anyflow sample`` checks before a run (:mod:`anyflow.memory`), to set beside the measured
-RSS growth. Needs the test extra (diffusers) for the oracle.
+RSS growth. Under each group a line gives the forward's memory, ours against diffusers, beside the
+goal ``RSS_GOAL``, so that a regression shows. Needs the test extra (diffusers) for the oracle.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import time
 from benchlib import ROOT, run_worker, save_random_weights
 
 D13 = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960)
+RSS_GOAL = 0.5  # the forward's peak RSS growth, ours / diffusers' (docs/PERFORMANCE.md: the goals of `mid`)
 CONFIGS = {
     # name: (model config, latent (F, C, H, W), text tokens)
     "tiny": (dict(num_attention_heads=2, attention_head_dim=64, ffn_dim=256, num_layers=2), (3, 16, 16, 16), 64),
@@ -155,6 +159,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="add a torch.compile(fullgraph=True) row for ours")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cold", action="store_true", help="measure the first forward (no warm-up; compiled ones still warm)")
     parser.add_argument("--workdir", default=os.path.expanduser("~/.cache/anyflow-bench"))
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
@@ -185,7 +190,7 @@ def main() -> None:
                 for impl in impls:  # alternate, so drift hits all alike
                     runs[impl].append(run_worker(WORKER, dict(impl=impl, config=name, dtype=dtype, device=args.device,
                                                       weights=weights, inputs=inputs, output=outputs[impl],
-                                                      warmup=name == "tiny" or impl == "ours+compile")))
+                                                      warmup=not args.cold or impl == "ours+compile")))
             ref = torch.load(outputs["oracle"])
             oracle_s = statistics.median(r["seconds"] for r in runs["oracle"])
             oracle_rss = statistics.median(r["rss_growth_mb"] for r in runs["oracle"])
@@ -205,6 +210,12 @@ def main() -> None:
                     print(f"{'':<12} {'':<8} (first compiled call, compile included: {first:.1f} s)")
             print(f"{'':<12} {'':<8} runs in order, s: "
                   + "; ".join(f"{impl} " + " ".join(f"{r['seconds']:.1f}" for r in runs[impl]) for impl in impls))
+            ours_rss = statistics.median(r["rss_growth_mb"] for r in runs["ours"])
+            if oracle_rss >= 1:  # (tiny grows by under 1 MB: no ratio)
+                ratio = ours_rss / oracle_rss
+                print(f"{'':<12} {'':<8} forward memory (peak RSS growth): ours {ours_rss:.0f} MB, diffusers "
+                      f"{oracle_rss:.0f} MB, ratio {ratio:.2f}: {'within' if ratio <= RSS_GOAL else 'OVER'} the goal "
+                      f"<= {RSS_GOAL}")
     print("\nimport and start-up (median of 5 runs of the command, wall seconds):")
     ours_import = command_seconds(f"{sys.executable} -c 'import anyflow'")
     ours_model = command_seconds(f"{sys.executable} -c 'from anyflow import AnyFlowTransformer3DModel'")

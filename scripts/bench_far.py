@@ -2,6 +2,8 @@
 
     python scripts/bench_far.py [--layers 2] [--latent 60x104] [--partition 1 3 3 3] [--steps 4]
                                 [--dtype bfloat16] [--repeats 1] [--deviation] [--workdir DIR]
+    python scripts/bench_far.py --step-scaling [--cache-frames 3 12 24 48] [--chunk-frames 3]
+                                [--layers 2] [--latent 32x56] [--dtype float32] [--code DIR]
 
 Same random weights (1.3B widths: 12 heads of 128, ffn 8960; written once by the oracle's
 ``save_pretrained``), noise and text for every run. Each run is a fresh subprocess that loads the
@@ -16,6 +18,18 @@ the whole video; the table gives its wall time, the peak RSS growth, and the cos
 ``--deviation`` also runs the pipeline with its cached step's zero padding taken out and prints
 how far the padded pipeline is from the unpadded one and from ours (the deviation the README
 states). Needs the test extra (diffusers).
+
+``--step-scaling``: the cost of one cached step against the length of the cache (ours alone, no
+diffusers; random weights and a cache of random keys and values, all frames at full resolution,
+with room for the chunk). For each cache length: the step's time, its time with the attention
+kernel replaced by zeros of its output's shape (everything else as it is: this is where a copy of
+the cache shows, attention's own cost aside), and the bytes the step allocates with that kernel
+left out (torch.profiler, the sum of every op's own allocations). Times are CPU seconds of one
+thread (``torch.set_num_threads(1)``, ``time.process_time``), each the least of --repeats runs after
+a warm-up, the two alternating: on a shared machine others' load moves wall times by tens of
+percent, and only adds time. ``--code
+DIR`` runs another checkout's ``anyflow`` (for example an older commit in a ``git worktree``) on
+the same measurement, to compare before and after.
 """
 
 from __future__ import annotations
@@ -24,7 +38,7 @@ import argparse
 import os
 import statistics
 
-from benchlib import run_worker, save_random_weights
+from benchlib import ROOT, run_worker, save_random_weights
 
 WIDTHS = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960)
 
@@ -89,6 +103,85 @@ print(json.dumps({"seconds": seconds, "rss_growth_mb": status("VmHWM") - base, "
 """
 
 
+STEP_WORKER = r"""
+import dataclasses, json, sys, time
+job = json.loads(sys.argv[1])
+sys.path.insert(0, job["code"])
+import torch
+import anyflow.attention as attention
+from anyflow import AnyFlowFARConfig, AnyFlowFARTransformer3DModel
+from anyflow.far import FarKVCache
+dtype = getattr(torch, job["dtype"])
+torch.set_num_threads(1)  # timed in CPU seconds of this one thread: what others' load on the machine moves least
+h, w = job["latent"]
+config = AnyFlowFARConfig(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=job["layers"],
+                          full_chunk_limit=10**6)  # every cached frame at full resolution
+torch.manual_seed(0)
+model = AnyFlowFARTransformer3DModel(config).eval().to_dtype(dtype)
+gen = torch.Generator().manual_seed(1)
+chunk = torch.randn(1, job["chunk_frames"], 16, h, w, generator=gen).to(dtype)
+t, r = torch.full((1, job["chunk_frames"]), 800.0), torch.full((1, job["chunk_frames"]), 300.0)
+per_frame = h * w // 4
+with torch.no_grad():
+    context = model.prepare_context(torch.randn(1, 512, 4096, generator=gen).to(dtype))
+    preallocated = "storage" in {f.name for f in dataclasses.fields(FarKVCache)}
+    real_attend = attention._attend
+    def stub_attend(q, k, v):  # attention's output shape, none of its work
+        return q.new_zeros(q.shape[0], q.shape[1], q.shape[2] * q.shape[3])
+    rows = []
+    for frames in job["cache_frames"]:
+        tokens = frames * per_frame
+        room = job["chunk_frames"] * per_frame if preallocated else 0
+        kv = [tuple(torch.randn(1, tokens + room, 12, 128, generator=gen).to(dtype) for _ in range(2))
+              for _ in range(config.num_layers)]
+        cache = (FarKVCache((frames,), 0, 0, (h, w), kv, tokens) if preallocated
+                 else FarKVCache((frames,), 0, 0, (h, w), kv))
+        def run():
+            start = time.process_time()
+            model.step(chunk, t, r, context, cache)
+            return time.process_time() - start
+        run()  # warm-up
+        times, stubbed = [], []
+        for _ in range(job["repeats"]):  # alternating, so that the machine's moods hit both alike
+            times.append(run())
+            attention._attend = stub_attend
+            try:
+                stubbed.append(run())
+            finally:
+                attention._attend = real_attend
+        seconds, without = min(times), min(stubbed)  # others' load on a shared machine only adds time
+        attention._attend = stub_attend
+        try:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+                model.step(chunk, t, r, context, cache)
+        finally:
+            attention._attend = real_attend
+        allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.key_averages())
+        rows.append({"frames": frames, "tokens": tokens, "seconds": seconds, "without_attention": without,
+                     "allocated_mb": allocated / 2**20})
+        del cache, kv
+print(json.dumps({"preallocated": preallocated, "rows": rows}))
+"""
+
+
+def step_scaling(args) -> None:
+    """Print one cached step's time, time without attention and allocated bytes against the cache's length."""
+    import torch
+
+    h, w = args.latent
+    job = dict(code=os.path.abspath(args.code), dtype=args.dtype, latent=[h, w], layers=args.layers,
+               chunk_frames=args.chunk_frames, cache_frames=args.cache_frames, repeats=args.repeats)
+    result = run_worker(STEP_WORKER, job)
+    print(f"machine: {os.cpu_count()} CPUs (1 thread used), torch {torch.__version__}; 1.3B widths, {args.layers} "
+          f"layers, {args.dtype}, latents {h}x{w} ({h * w // 4} tokens a frame), a chunk of {args.chunk_frames} frames; "
+          f"code {job['code']} ({'preallocated cache' if result['preallocated'] else 'cache concatenated each step'})")
+    header = f"{'cached frames':>13} {'cached tokens':>13} {'step CPU s':>10} {'no-attention CPU s':>18} {'allocated MB':>12}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for row in result["rows"]:
+        print(f"{row['frames']:13d} {row['tokens']:13d} {row['seconds']:10.3f} {row['without_attention']:18.3f} "
+              f"{row['allocated_mb']:12.0f}")
+
+
 def prepare(args, workdir: str):
     """Random weights (the oracle's save_pretrained, fp32) and inputs, made once per shape."""
     import torch
@@ -112,15 +205,26 @@ def prepare(args, workdir: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--latent", default="60x104", help="latent H x W (60x104: 480 x 832 pixels)")
+    parser.add_argument("--latent", help="latent H x W (default 60x104: 480 x 832 pixels; --step-scaling 32x56)")
     parser.add_argument("--partition", type=int, nargs="+", default=[1, 3, 3, 3])
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--dtype", help="default bfloat16 (--step-scaling: float32)")
+    parser.add_argument("--repeats", type=int, help="default 1 (--step-scaling: 5)")
     parser.add_argument("--deviation", action="store_true", help="also measure diffusers' padding deviation")
     parser.add_argument("--workdir", default=os.path.expanduser("~/.cache/anyflow-bench"))
+    parser.add_argument("--step-scaling", action="store_true", help="one cached step's cost against the cache length")
+    parser.add_argument("--cache-frames", type=int, nargs="+", default=[3, 12, 24, 48])
+    parser.add_argument("--chunk-frames", type=int, default=3)
+    parser.add_argument("--code", default=ROOT, help="the checkout whose anyflow --step-scaling runs")
     args = parser.parse_args()
-    args.latent = tuple(int(v) for v in args.latent.lower().split("x"))
+    if args.step_scaling:
+        args.repeats = args.repeats or 5
+        args.latent = tuple(int(v) for v in (args.latent or "32x56").lower().split("x"))
+        args.dtype = args.dtype or "float32"
+        return step_scaling(args)
+    args.latent = tuple(int(v) for v in (args.latent or "60x104").lower().split("x"))
+    args.dtype = args.dtype or "bfloat16"
+    args.repeats = args.repeats or 1
     os.makedirs(args.workdir, exist_ok=True)
     import torch
 

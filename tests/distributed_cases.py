@@ -86,7 +86,11 @@ def case_gradients(work, mesh):
     for (name, param), (_, expected) in zip(model.named_parameters(), reference.named_parameters()):
         grad = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
         errors[name] = relative(grad, expected.grad)
-    return {"worst": max(errors.values()), "checked": len(errors), "bad": sorted(n for n, e in errors.items() if e > 1e-5)}
+    model(latents[mine], t[mine], r[mine], text[mine]).sample.square().mean().backward()  # accumulated: twice
+    doubled = max(relative(p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad, 2 * e.grad)
+                  for (_, p), (_, e) in zip(model.named_parameters(), reference.named_parameters()))
+    return {"worst": max(errors.values()), "checked": len(errors), "bad": sorted(n for n, e in errors.items() if e > 1e-5),
+            "accumulated": doubled}
 
 
 def case_far(work, mesh):
@@ -161,6 +165,12 @@ def case_bad_setups(work, mesh):
         parallelize(mixed, mesh)
     except ValueError as exc:
         errors["mixed devices"] = str(exc)
+    good = checkpoint(os.path.join(work, "bidirectional-bad"), reference_model())
+    path = good if dist.get_rank() == 0 else os.path.join(work, "no-such-checkpoint")  # rank 1 alone fails to open
+    try:
+        load_parallel(AnyFlowTransformer3DModel, path, mesh)
+    except Exception as exc:  # every rank must raise, none wait
+        errors[f"bad path on rank 1, seen by rank {dist.get_rank()}"] = f"{type(exc).__name__}: {exc}"
     return errors
 
 

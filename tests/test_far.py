@@ -241,6 +241,54 @@ def test_step_and_the_rollout_agree_on_the_first_chunk():
         assert error(ours.step(latents, t, r, ours.prepare_context(text), None), rollout) <= FP32_BAR
 
 
+def test_steps_write_into_the_room_in_place_keep_nothing_and_equal_the_rollout():
+    """A step writes its chunk's keys and values into the room after the cached ones (no copy of the
+    cache) and keeps nothing there; it equals the rollout of the cached frames at t = r = 0 followed by
+    the chunk (the rollout's earlier chunks see only each other, as the cache's did)."""
+    config = far_config(chunk_partition=(1, 2, 2, 2))  # the first chunk compressed once three are cached
+    ours = AnyFlowFARTransformer3DModel(config).eval()
+    randomize_(ours, 12)
+    latents, _, _, text, _ = inputs(config, 1, 7, 8, 8, seed=12)
+    with torch.no_grad():
+        context = ours.prepare_context(text)
+        cache = ours.encode_cache(latents[:, :5], (1, 2, 2), context, reserve_frames=2)
+        assert cache.capacity == cache.num_tokens + 2 * 16  # room for the two-frame chunk, 16 tokens a frame
+        where = [(k.data_ptr(), v.data_ptr()) for k, v in cache.storage]
+        cached = [(k.clone(), v.clone()) for k, v in cache.layers]
+        for t, r in ((900.0, 600.0), (600.0, 200.0)):
+            velocity = ours.step(latents[:, 5:], t, r, context, cache)
+            t_frames, r_frames = (torch.tensor([[0.0] * 5 + [value] * 2]) for value in (t, r))
+            rollout = ours(latents, t_frames, r_frames, text, chunk_partition=(1, 2, 2, 2)).sample[:, -2:]
+            assert error(velocity, rollout) <= FP32_BAR
+        assert [(k.data_ptr(), v.data_ptr()) for k, v in cache.storage] == where  # written in place
+        # the same memory read back: the steps left the cached keys and values as they were
+        assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(cache.layers, cached))
+
+
+def test_a_cache_without_room_grows_once_and_a_refresh_with_room_writes_in_place():
+    config = far_config(chunk_partition=(1, 2, 2))
+    ours = AnyFlowFARTransformer3DModel(config).eval()
+    randomize_(ours, 13)
+    latents, _, _, text, _ = inputs(config, 1, 5, 8, 8, seed=13)
+    with torch.no_grad():
+        context = ours.prepare_context(text)
+        roomy = ours.encode_cache(latents[:, :3], (1, 2), context, reserve_frames=2)
+        tight = ours.encode_cache(latents[:, :3], (1, 2), context)
+        assert tight.capacity == tight.num_tokens == 3 * 16
+        expected = ours.step(latents[:, 3:], 700.0, 100.0, context, roomy)
+        assert error(ours.step(latents[:, 3:], 700.0, 100.0, context, tight), expected) <= FP32_BAR
+        where = [k.data_ptr() for k, _ in tight.storage]
+        assert tight.capacity == 5 * 16  # grown to fit the chunk, once: the next step writes in place
+        ours.step(latents[:, 3:], 300.0, 0.0, context, tight)
+        assert [k.data_ptr() for k, _ in tight.storage] == where
+        first = ours.encode_cache(latents[:, :1], (1,), context, reserve_frames=4)
+        where = [k.data_ptr() for k, _ in first.storage]
+        refreshed = ours.encode_cache(latents[:, :3], (1, 2), context, first)
+        assert [k.data_ptr() for k, _ in refreshed.storage] == where  # the room held the refresh: no new storage
+        for (k, v), (k_full, v_full) in zip(refreshed.layers, roomy.layers):
+            assert error(k, k_full) <= FP32_BAR and error(v, v_full) <= FP32_BAR
+
+
 # ---- bad input ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -280,7 +328,19 @@ FAR_BAD = {
     "cache of other chunks": (lambda m: m.encode_cache(torch.zeros(1, 3, 4, 8, 8), [2, 1], torch.zeros(1, 3, 24),
                                                        m.encode_cache(torch.zeros(1, 1, 4, 8, 8), [1], torch.zeros(1, 3, 24))),
                               r"the cache holds chunks \[1\], which do not begin chunk_partition \[2, 1\]"),
+    "reserve frames": (lambda m: m.encode_cache(torch.zeros(1, 1, 4, 8, 8), [1], torch.zeros(1, 3, 24), reserve_frames=-1),
+                       r"reserve_frames must be an int >= 0 \(frames of room after the cached ones\), got -1"),
+    "spent cache": (lambda m: refresh_then_step_with_the_old_cache(m),
+                    r"this FarKVCache was refreshed by encode_cache, which took its storage over; use the cache that "
+                    r"encode_cache returned"),
 }
+
+
+def refresh_then_step_with_the_old_cache(model):
+    text = torch.zeros(1, 3, 24)
+    old = model.encode_cache(torch.zeros(1, 1, 4, 8, 8), [1], text)
+    model.encode_cache(torch.zeros(1, 3, 4, 8, 8), [1, 2], text, old)
+    model.step(torch.zeros(1, 2, 4, 8, 8), 500, 250, text, old)
 
 
 @pytest.mark.parametrize("case", sorted(FAR_BAD))

@@ -22,8 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "in must exist)")
     parser.add_argument("--from", dest="from_format", choices=FORMATS, help="force the source naming (default: detected)")
     parser.add_argument("--to", choices=("anyflow", "diffusers"), default="anyflow", help="output layout (default anyflow)")
-    parser.add_argument("--dtype", choices=("keep", "float32", "bfloat16", "float16"), default="keep",
-                        help="output dtype; fp32 islands stay float32 in half precision (default keep)")
+    parser.add_argument("--dtype", choices=("keep", "float32", "bfloat16", "float16", "float8_e4m3fn"), default="keep",
+                        help="output dtype; fp32 islands stay float32 in half precision (default keep). float8_e4m3fn: "
+                        "the blocks' linear weights as float8 with a float32 scale per row (<weight>_scale), the rest "
+                        "bfloat16 (anyflow layout only; docs/FP8.md)")
     parser.add_argument("--max-shard-size", default="5GB", help="shard the output above this size (default 5GB)")
     parser.add_argument("--config", dest="config_path", metavar="FILE",
                         help="config JSON overriding the found or inferred config (diffusers' or the authors' keys; "

@@ -13,11 +13,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, TextIO, Tuple, Union
 
 from anyflow.config import AnyFlowConfig, AnyFlowFARConfig
-from anyflow.parameters import DTYPE_NAMES, is_fp32_island
+from anyflow.parameters import DTYPE_NAMES, SCALE_SUFFIX, is_fp32_island
 
-from .lora import LoraArguments, apply_adapters, normalize_lora
+from .lora import LoraArguments, MergedTensor, apply_adapters, normalize_lora
 from .pt_files import InMemoryTensor
 from .safetensors_io import HALF_DTYPES, TensorRecord, dtype_code, itemsize, map_records, torch_dtype
+from .scaled_fp8 import (
+    float8_nbytes, float8_outputs, float8_pair, held_as_float8, is_float8, records_to_map, resolve_weight_dtype,
+)
 from .sources import Checkpoint, open_checkpoint
 from .state_dict import rename_keys
 from .writer import OutputTensor, parse_size, write_checkpoint
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
     import torch
 
 DTYPES = {"keep": None, **{name: dtype_code(name) for name in DTYPE_NAMES}}
+FLOAT8_OTHERS = "BF16"  # the dtype of the tensors other than the block linear weights in a float8 conversion
 TARGETS = ("anyflow", "diffusers")
 STEMS = {"anyflow": "model", "diffusers": "diffusion_pytorch_model"}
 DIFFUSERS_VERSION = "0.42.1"
@@ -55,10 +59,12 @@ def resolve_dtype(dtype: Union[str, "torch.dtype", None]) -> Optional[str]:
     return code
 
 
-def loaded_nbytes(checkpoint: Checkpoint, dtype: Union[str, "torch.dtype", None]) -> int:
-    """Bytes the checkpoint's tensors take once loaded in ``dtype`` (fp32 islands included)."""
-    code = resolve_dtype(dtype)
-    return sum(math.prod(t.shape) * itemsize(output_dtype(name, t.dtype, code)) for name, t in checkpoint.tensors.items())
+def loaded_nbytes(checkpoint: Checkpoint, dtype: Union[str, "torch.dtype", None], weight_dtype: object = None) -> int:
+    """Bytes the checkpoint's tensors take once loaded in ``dtype`` (fp32 islands included) and ``weight_dtype``
+    (as in :func:`load_checkpoint`: float8 weights count with their scales)."""
+    code, float8 = resolve_dtype(dtype), resolve_weight_dtype(weight_dtype)
+    return sum(float8_nbytes(t.shape) if held_as_float8(name, t, float8) else
+               math.prod(t.shape) * itemsize(output_dtype(name, t.dtype, code)) for name, t in checkpoint.tensors.items())
 
 
 def config_json(config: AnyFlowConfig, to: str) -> Dict[str, object]:
@@ -102,16 +108,27 @@ def convert(
     file, a (file, scale) pair, or a list of them) bakes
     LoRA adapters into the output (:mod:`.lora`; every adapter is checked before anything is
     written; ``lora_skip_unknown`` leaves out adapter modules the model does not have).
+
+    ``dtype="float8_e4m3fn"`` writes a scaled float8 checkpoint (:mod:`.scaled_fp8`: the block linear
+    weights in float8 with float32 scales per row, the rest bfloat16 and the fp32 islands float32), in
+    our layout only; ``"keep"`` keeps such pairs as they are, any other dtype dequantises them.
     """
     if to not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {to!r}")
-    target_dtype = resolve_dtype(dtype)
+    float8 = True if is_float8(dtype) else None if dtype in (None, "keep") else False
+    target_dtype = FLOAT8_OTHERS if float8 else resolve_dtype(dtype)
     max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
     checkpoint = open_checkpoint(src, from_format, config_path, far)
     checkpoint.tensors = apply_adapters(checkpoint.tensors, lora, lora_skip_unknown)
     names = rename_keys(checkpoint.tensors, "to_diffusers") if to == "diffusers" else {k: k for k in checkpoint.tensors}
     tensors = []
     for k, lazy in checkpoint.tensors.items():
+        if held_as_float8(k, lazy, float8):
+            if to != "anyflow":
+                raise ValueError(f"{to} layout: scaled float8 weights ({k}, ...) are written in the anyflow layout only; "
+                                 "pass --dtype bfloat16 (or float32, float16) to dequantise them")
+            tensors += float8_outputs(k, lazy)
+            continue
         dtype = output_dtype(k, lazy.dtype, target_dtype)
         same_bytes = lazy if isinstance(lazy, TensorRecord) and dtype == lazy.dtype else None
         tensors.append(OutputTensor(names[k], lazy.read, dtype, tuple(lazy.shape), same_bytes))
@@ -130,6 +147,7 @@ def load_checkpoint(
     far: bool = False,
     lora: Optional[LoraArguments] = None,
     lora_skip_unknown: bool = False,
+    weight_dtype: object = None,
 ) -> Tuple[AnyFlowConfig, Dict[str, "torch.Tensor"]]:
     """Any supported checkpoint as (config, state dict under our names), ready for ``load_state_dict``.
 
@@ -139,25 +157,35 @@ def load_checkpoint(
     ``far`` warm-starts a FAR model from a bidirectional AnyFlow or Wan2.1 checkpoint. ``lora``
     merges LoRA adapters (a file, a (file, scale) pair, or a list of them) as each tensor is read, as
     in :func:`convert`. ``config_path`` gives the config of weights that have none beside them.
+    ``weight_dtype="float8_e4m3fn"`` (or ``torch.float8_e4m3fn``) gives each block linear weight as
+    float8 values and float32 scales (``<weight>_scale``), quantised tensor by tensor as read, or as
+    stored in a scaled float8 checkpoint; None keeps the checkpoint's (float8 pairs stay float8).
     """
     import torch
 
     checkpoint = open_checkpoint(path, from_format, config_path, far)
     checkpoint.tensors = apply_adapters(checkpoint.tensors, lora, lora_skip_unknown)
-    dtype = resolve_dtype(dtype)
+    dtype, float8 = resolve_dtype(dtype), resolve_weight_dtype(weight_dtype)
     if dtype is None:
         dtype = checkpoint.tensors["patch_embed.proj.weight"].dtype
     device = torch.device(device)
-    mapped = map_records([lazy for lazy in checkpoint.tensors.values() if isinstance(lazy, TensorRecord)])
+    mapped = map_records([record for name, lazy in checkpoint.tensors.items()
+                          for record in records_to_map(name, lazy, float8)])
     state = {}
     for name, lazy in checkpoint.tensors.items():
+        if held_as_float8(name, lazy, float8):
+            state[name], state[f"{name}{SCALE_SUFFIX}"] = float8_pair(name, lazy, mapped, device)
+            continue
         target = torch_dtype(output_dtype(name, lazy.dtype, dtype))
         if isinstance(lazy, TensorRecord):
-            state[name] = mapped[lazy.name].to(device=device, dtype=target)
+            # moved as stored, then cast where it will live: a GPU casts, the host only copies
+            state[name] = mapped[lazy.name].to(device).to(target)
         else:
             # the destination first, the temporaries of the read above it: freed, they leave no holes
-            # between the kept tensors (a merged LoRA otherwise strands ~15% of the model in the heap)
-            state[name] = torch.empty(lazy.shape, dtype=target, device=device).copy_(lazy.read())
+            # between the kept tensors (a merged LoRA otherwise strands ~15% of the model in the heap);
+            # LoRA products are made on the device
+            value = lazy.read(device) if isinstance(lazy, MergedTensor) else lazy.read()
+            state[name] = torch.empty(lazy.shape, dtype=target, device=device).copy_(value)
     return checkpoint.config, state
 
 

@@ -124,21 +124,25 @@ class ModuleDelta:
         return found
 
     def change(self, part: str, shape: Tuple[int, ...], scale: float,
-               rows: Optional[Tuple[int, int]] = None) -> "torch.Tensor":
-        """The float32 change of our ``part`` ("weight" or "bias") of ``shape``, times ``scale``;
-        only rows ``start .. stop - 1`` (dim 0) with ``rows``."""
+               rows: Optional[Tuple[int, int]] = None, device: Union[str, "torch.device"] = "cpu") -> "torch.Tensor":
+        """The float32 change of our ``part`` ("weight" or "bias") of ``shape``, times ``scale``, made on
+        ``device``; only rows ``start .. stop - 1`` (dim 0) with ``rows``."""
         start, stop = rows if rows is not None else (0, shape[0] if shape else 1)
+
+        def factor_on_device(lazy) -> "torch.Tensor":
+            return lazy.read().to(device).float()
+
         if part == "bias":
             factor = scale * (self.scaling() if self.bias_follows_alpha and self.down is not None else 1.0)
-            return self.bias_delta.read().float().reshape(shape)[start:stop] * factor
+            return factor_on_device(self.bias_delta).reshape(shape)[start:stop] * factor
         change = None
         if self.down is not None:
             rank = self.rank
-            down = self.down.read().float().reshape(rank, -1)
-            up = self.up.read().float().reshape(-1, rank)[start:stop]
+            down = factor_on_device(self.down).reshape(rank, -1)
+            up = factor_on_device(self.up).reshape(-1, rank)[start:stop]
             change = (up @ down).reshape(stop - start, *shape[1:]) * (scale * self.scaling())
         if self.diff is not None:
-            diff = self.diff.read().float().reshape(shape)[start:stop] * scale
+            diff = factor_on_device(self.diff).reshape(shape)[start:stop] * scale
             change = diff if change is None else change.add_(diff)
         return change
 
@@ -495,15 +499,16 @@ class MergedTensor:
     def nbytes(self) -> int:
         return math.prod(self.shape) * itemsize(self.dtype)
 
-    def read(self) -> "torch.Tensor":
-        return self.read_rows(0, self.shape[0] if self.shape else 1)
+    def read(self, device: Union[str, "torch.device"] = "cpu") -> "torch.Tensor":
+        return self.read_rows(0, self.shape[0] if self.shape else 1, device)
 
-    def read_rows(self, start: int, stop: int) -> "torch.Tensor":
+    def read_rows(self, start: int, stop: int, device: Union[str, "torch.device"] = "cpu") -> "torch.Tensor":
+        """Rows ``start .. stop - 1`` merged, in float32 on ``device`` (where the products ``B @ A`` run)."""
         import torch
 
-        merged = self.base.read_rows(start, stop).to(torch.float32, copy=True)
+        merged = self.base.read_rows(start, stop).to(device).to(torch.float32, copy=True)
         for delta, part, scale in self.changes:
-            merged += delta.change(part, self.shape, scale, rows=(start, stop))
+            merged += delta.change(part, self.shape, scale, rows=(start, stop), device=device)
         return merged
 
 

@@ -24,6 +24,7 @@ from .pt_files import PT_SUFFIXES, InMemoryTensor, load_pt
 from .safetensors_io import (
     FLOAT_DTYPES, CheckpointError, TensorRecord, read_header, read_json_object, read_sharded,
 )
+from .scaled_fp8 import ScaledFloat8Tensor, fold_scales
 from .state_dict import KeyMismatchError, rename_keys
 from .warm_start import COMPRESSED, ResampledPatchKernel, add_far_patch_embedding
 
@@ -36,7 +37,7 @@ FORMAT_DESCRIPTIONS = {
 WAN_PREFIX = "model.diffusion_model."
 
 
-LazyTensor = Union[TensorRecord, InMemoryTensor, ResampledPatchKernel, MergedTensor]
+LazyTensor = Union[TensorRecord, InMemoryTensor, ResampledPatchKernel, MergedTensor, ScaledFloat8Tensor]
 FAR_WEIGHT = f"{COMPRESSED}.weight"
 # the widths D of the released models -> their head counts (D / 128 each): the only widths a config is inferred for
 RELEASED_HEADS = {preset.hidden_size: preset.num_attention_heads for preset in PRESETS.values()}
@@ -72,6 +73,8 @@ class Checkpoint:
             what += "; FAR warm start: compressed patch embedding resampled from the full one"
         elif isinstance(self.config, AnyFlowFARConfig):
             what += ", FAR (frame-autoregressive) model"
+        if any(isinstance(t, ScaledFloat8Tensor) for t in self.tensors.values()):
+            what += "; block linear weights in scaled float8 e4m3 (a float32 scale per row)"
         if self.folded_lora:
             what += f"; PEFT-wrapped training checkpoint: the LoRA of {self.folded_lora} modules merged in (alpha = rank)"
         return f"{what} ({self.container}, {len(self.files)} file(s))"
@@ -257,6 +260,7 @@ def open_checkpoint(path: str, fmt: Optional[str] = None, config_path: Optional[
     raw = stored
     if raw and all(k.startswith(WAN_PREFIX) for k in raw):
         raw = {k[len(WAN_PREFIX):]: v for k, v in raw.items()}
+    raw = fold_scales(raw, files[0])  # a scaled float8 checkpoint's weight and scale pairs, each one lazy tensor
     folded = 0
     if looks_like_wrapped_checkpoint(list(raw)):
         raw, folded = fold_wrapped_checkpoint(raw, files[0])

@@ -1,0 +1,41 @@
+"""scripts/gpu_check.py runs on the CPU at tiny sizes, so that the GPU check cannot rot between the
+sessions that have a GPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import require_oracle
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTIONS = ("1. Smoke", "2. Ours against diffusers", "3. Eager against compile_blocks()", "4. fp8 weights",
+            "5. Block offload", "6. sample() peak", "7. from_pretrained", "8. load_parallel on one rank")
+
+
+@pytest.mark.reference
+def test_the_gpu_check_runs_on_the_cpu_and_writes_every_section(tmp_path):
+    require_oracle()  # the check compares with diffusers
+    out = tmp_path / "GPU.md"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--device", "cpu", "--small",
+                           "--out", str(out), "--workdir", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = out.read_text()
+    for section in SECTIONS:
+        assert f"## {section}" in report, section
+    assert "## Failures\n\nnone" in report
+    assert "0 failure(s)" in done.stdout
+
+
+def test_the_gpu_check_refuses_cuda_without_a_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal is for machines without one")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py")], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and "--device cuda: no CUDA GPU here; use --device cpu --small" in done.stderr
