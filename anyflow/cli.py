@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_generate_command(commands)
 
+    from .cli_train import add_train_command
+
+    add_train_command(commands)
+
     inspect = commands.add_parser("inspect", help="describe a checkpoint or a LoRA adapter from its headers",
                                   description="Describe a checkpoint from its headers: format, files, config "
                                   "(and config keys set aside), parameters, dtypes; or a LoRA adapter: format, "

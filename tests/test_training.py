@@ -1,0 +1,442 @@
+"""The trainer around the objectives: LoRA in and out, the data folder, the config, the loop (stages 0, 1 and 2),
+exact resume, two processes under FSDP2, the loss curve, ``anyflow train``, and bad inputs named in one line.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from anyflow import AnyFlowTransformer3DModel
+from anyflow.cli import main as anyflow_main
+from anyflow.training.config import AUTHORS_LORA_TARGETS, ConfigError, config_from_dict, load_config
+from anyflow.training.data import BatchSchedule, LatentDataset
+from anyflow.training.lora import inject_lora, save_lora_adapter, train_only_lora
+from anyflow.training.trainer import Trainer, clip_gradients, png_bytes, write_loss_curve
+from conftest import oracle_and_ours, random_inputs, randomize_, require_oracle, small_config
+from training_fixtures import read_log, tiny_checkpoint, tiny_config, tiny_data
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# A merged LoRA (W + s B A) against the unmerged one (W x + s B (A x)), or diffusers' PEFT layers: the same
+# products summed in other orders, fp32. The project's fp32 bar: max|a - b| <= 1e-5 max|b| (seen: below 1e-6).
+FP32_BAR = 1e-5
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A folder with a tiny checkpoint (``model``) and data folder (``data``) for a run to train on."""
+    tiny_checkpoint(tmp_path / "model")
+    tiny_data(tmp_path / "data")
+    return tmp_path
+
+
+# ---- LoRA -----------------------------------------------------------------------------------------------
+
+def lora_model(seed=1):
+    """A small model with the authors' LoRA targets injected, every B drawn (so the adapter changes the output)."""
+    model = AnyFlowTransformer3DModel(small_config()).eval()
+    randomize_(model, seed)
+    base = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    inject_lora(model, AUTHORS_LORA_TARGETS, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(std=0.3)
+    return base, model
+
+
+def test_lora_targets_are_the_authors_modules_and_only_factors_train():
+    _, model = lora_model()
+    wrapped = sorted(n for n, m in model.named_modules() if hasattr(m, "lora_A"))
+    per_block = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "ffn.fc_in", "ffn.fc_out"]
+    expected = [f"blocks.{i}.{m}" for i in range(2) for m in per_block]
+    expected += [f"time_embed.{mlp}.{fc}" for mlp in ("source_time_mlp", "target_time_mlp") for fc in ("fc_in", "fc_out")]
+    assert wrapped == sorted(expected)
+    trainable = train_only_lora(model)
+    assert len(trainable) == 2 * len(expected)
+    assert all(".lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    assert "blocks.0.self_attn.q.weight" in dict(model.named_parameters())  # the base keeps its names
+
+
+def test_saved_adapter_merged_equals_the_injected_model(tmp_path):
+    base, model = lora_model()
+    save_lora_adapter(model, str(tmp_path / "adapter.safetensors"))
+    latents, t, r, text, _ = random_inputs(model.config, batch=2)
+    with torch.no_grad():
+        injected, before = model(latents, t, r, text).sample, base(latents, t, r, text).sample
+        merged = base.merge_lora(str(tmp_path / "adapter.safetensors"))(latents, t, r, text).sample
+    assert relative(before, injected) > 1e-2  # the adapter matters
+    assert relative(merged, injected) <= FP32_BAR
+    assert os.listdir(tmp_path) == ["adapter.safetensors"]  # written whole, no partial left
+
+
+@pytest.mark.reference
+def test_saved_adapter_loads_in_diffusers(tmp_path):
+    oracle_cls = require_oracle()
+    require_oracle("LoraConfig", "peft")
+    pipeline_cls = require_oracle("AnyFlowPipeline")
+    oracle, ours = oracle_and_ours(oracle_cls, small_config(), seed=1)
+    torch.manual_seed(0)
+    inject_lora(ours, AUTHORS_LORA_TARGETS, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(std=0.3)
+    save_lora_adapter(ours, str(tmp_path / "adapter.safetensors"))
+    pipe = pipeline_cls(tokenizer=None, text_encoder=None, transformer=oracle, vae=None,
+                        scheduler=require_oracle("FlowMapEulerDiscreteScheduler")(shift=5.0))
+    pipe.load_lora_weights(str(tmp_path / "adapter.safetensors"))  # reads alpha from the metadata
+    latents, t, r, text, _ = random_inputs(ours.config, batch=2)
+    with torch.no_grad():
+        assert relative(ours(latents, t, r, text).sample, oracle(latents, t, r, text).sample) <= FP32_BAR
+
+
+def test_lora_target_matching_nothing_is_named_with_the_nearest():
+    model = AnyFlowTransformer3DModel(small_config())
+    with pytest.raises(ValueError) as info:
+        inject_lora(model, ["attn1.to_q", "ffn.net.3"], rank=4, alpha=4)
+    message = str(info.value)
+    assert "LoRA target 'ffn.net.3' matches no linear module" in message and "did you mean 'ffn.net.2'" in message
+    assert "\n" not in message
+    assert not any(hasattr(m, "lora_A") for m in model.modules())  # checked before any module changed
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------
+
+def test_clip_gradients_equals_torch_clip_grad_norm():
+    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn_like(p) * 3
+    expected = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, e in zip(params, expected):
+        e.grad = p.grad.clone()
+    reference = torch.nn.utils.clip_grad_norm_(expected, 1.0).item()
+    assert clip_gradients(params, 1.0) == pytest.approx(reference, rel=1e-6)
+    for p, e in zip(params, expected):
+        assert torch.allclose(p.grad, e.grad, rtol=1e-6, atol=0)
+
+
+def test_a_tiny_model_overfits_a_tiny_dataset(tmp_path):
+    """Stage 0 (plain flow matching: a fixed target, so the fall is the loop's doing) on one clip, every weight
+    training: the mean loss of the last 10 of 60 iterations is below 0.8 x that of the first 10 (seen: 0.69)."""
+    tiny_checkpoint(tmp_path / "model")
+    tiny_data(tmp_path / "data", one_clip=True, frames=1)
+    raw = tiny_config(tmp_path, "teacher", train={"total_iter": 60, "warmup_iter": 0, "optim_g": {"lr": 1e-2}},
+                      datasets={"train": {"batch_size_per_gpu": 4}},
+                      models={"text_encoder_cfg": {"drop_text_ratio": 0.0}},
+                      logger={"save_checkpoint_freq": 100, "print_freq": 100})
+    del raw["models"]["transformer_cfg"]["lora_config"]
+    Trainer(config_from_dict(raw), say=quiet).train()
+    losses = [r["loss"] for r in read_log(tmp_path)]
+    assert len(losses) == 60
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.8 * first, (first, last)
+    assert os.path.isfile(tmp_path / "out" / "model_ema" / "config.json")
+
+
+def test_stage1_run_writes_its_outputs_and_its_adapter_loads(run, capsys):
+    Trainer(config_from_dict(tiny_config(run)), say=print).train()
+    out = run / "out"
+    assert sorted(os.listdir(out)) == ["checkpoints", "lora.safetensors", "lora_ema.safetensors", "loss.png",
+                                       "train_log.jsonl"]
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_000004"]  # keep_checkpoints = 1
+    assert (out / "checkpoints" / "latest").read_text() == "step_000004\n"
+    records = read_log(run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["lr"] for r in records] == [0.0, 5e-4, 1e-3, 1e-3]  # constant_with_warmup, warmup_iter 2
+    assert all(r["loss"] > 0 and r["grad_norm"] >= 0 for r in records)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("step 1/4  loss ") and "s/step" in lines[0]
+    model = AnyFlowTransformer3DModel.from_pretrained(str(run / "model"), lora=[str(out / "lora_ema.safetensors")])
+    assert model.config.num_layers == 1
+
+
+def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path):
+    """Same process, same operations, same order: the resumed run's losses and weights equal the uninterrupted
+    run's bit for bit (the checkpoint holds every state the iterations read: weights, AdamW, EMA, the draws'
+    generator, the batches drawn)."""
+    tiny_checkpoint(tmp_path / "model")
+    tiny_data(tmp_path / "data")
+    whole_run = tiny_config(tmp_path, train={"total_iter": 4}, path={"output_dir": str(tmp_path / "whole")})
+    Trainer(config_from_dict(whole_run), say=quiet).train()
+    split = tiny_config(tmp_path, train={"total_iter": 2})
+    Trainer(config_from_dict(split), say=quiet).train()  # stops after 2, checkpointed
+    with open(tmp_path / "out" / "train_log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "loss": -1.0}) + "\n")  # an iteration after the checkpoint, to be forgotten
+    messages = []
+    Trainer(config_from_dict(tiny_config(tmp_path, train={"total_iter": 4})), say=messages.append).train()
+    assert any("resuming from" in m and "(step 2)" in m for m in messages)
+    whole_log = [json.loads(line) for line in open(tmp_path / "whole" / "train_log.jsonl")]
+    resumed_log = read_log(tmp_path)
+    assert [r["loss"] for r in resumed_log] == [r["loss"] for r in whole_log]
+    assert [r["grad_norm"] for r in resumed_log] == [r["grad_norm"] for r in whole_log]
+    for name in ("lora.safetensors", "lora_ema.safetensors"):
+        a, b = load_file(str(tmp_path / "whole" / name)), load_file(str(tmp_path / "out" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stage2_alternates_generator_and_fake_score_on_cpu(run):
+    raw = tiny_config(run, "onpolicy", train={"total_iter": 2})
+    trainer = Trainer(config_from_dict(raw), say=quiet)
+    real_before = {n: p.clone() for n, p in trainer.real_score.named_parameters()}
+    fake_before = {n: p.clone() for n, p in trainer.fake_score.named.items()}
+    trainer.train()
+    records = read_log(run)
+    keys = {"generator_loss", "flow_map_loss", "fake_score_loss", "grad_norm", "fake_score_grad_norm"}
+    assert all(keys <= set(r) and all(torch.isfinite(torch.tensor(r[k])) for k in keys) for r in records)
+    assert all(torch.equal(p, real_before[n]) for n, p in trainer.real_score.named_parameters())  # frozen
+    assert any(not torch.equal(p, fake_before[n]) for n, p in trainer.fake_score.named.items())  # trained
+    assert trainer.batches == 4  # a batch for each model, each iteration
+    assert os.path.isfile(run / "out" / "lora_ema.safetensors")
+
+
+def test_far_model_trains_causally_and_its_compressed_patch_embedding_is_written(run):
+    """A FAR generator: stage 1 on its chunks (clean context before the last full_chunk_limit), stage 2 rolling out
+    chunk by chunk against bidirectional scores, as the authors' FAR trainers; far_patch_embed trains whole, so the
+    merged model is written beside the adapters."""
+    from anyflow import AnyFlowFARConfig, AnyFlowFARTransformer3DModel
+    from conftest import SMALL
+
+    config = AnyFlowFARConfig(**{**SMALL, "num_layers": 1, "chunk_partition": (1, 1, 1, 1), "full_chunk_limit": 1})
+    far = AnyFlowFARTransformer3DModel(config)
+    randomize_(far, 0)
+    far.save_pretrained(str(run / "far"))
+    tiny_data(run / "far-data", frames=4)
+    for stage in ("pretrain", "onpolicy"):
+        steps = 3 if stage == "pretrain" else 1  # a sample without context (k = 1 chunk) leaves far_patch_embed alone
+        raw = tiny_config(run, stage, train={"total_iter": steps, "warmup_iter": 0}, path={"output_dir": str(run / stage)},
+                          datasets={"train": {"data_root": str(run / "far-data")}},
+                          models={"transformer_cfg": {"model_name": str(run / "far"),
+                                                      "far_config": {"long_context_training_ratio": 1.0}},
+                                  "rollout_cfg": {"num_inference_steps_list": [1, 2]}})
+        trainer = Trainer(config_from_dict(raw), say=quiet)
+        before = trainer.generator.named["far_patch_embed.proj.weight"].clone()
+        trainer.train()
+        if stage == "pretrain":
+            assert not torch.equal(trainer.generator.named["far_patch_embed.proj.weight"], before)
+        assert {"lora.safetensors", "lora_ema.safetensors", "model", "model_ema"} <= set(os.listdir(run / stage))
+    merged = AnyFlowFARTransformer3DModel.from_pretrained(str(run / "onpolicy" / "model_ema"))
+    assert torch.equal(merged.far_patch_embed.proj.weight, trainer.ema.whole()["far_patch_embed.proj.weight"])
+    with pytest.raises(ValueError, match=r"4 latent frames, the FAR model's chunk_partition \[1, 1, 1, 1, 1\] needs 5$"):
+        AnyFlowFARTransformer3DModel(AnyFlowFARConfig(**{**SMALL, "chunk_partition": (1,) * 5})).save_pretrained(
+            str(run / "far5"))
+        Trainer(config_from_dict(tiny_config(run, models={"transformer_cfg": {"model_name": str(run / "far5")}},
+                                             datasets={"train": {"data_root": str(run / "far-data")}})), say=quiet)
+
+
+@pytest.mark.parallel
+def test_two_processes_under_fsdp2_give_one_process_loss_and_gradients(tmp_path):
+    """Stage 1's first iteration on 2 gloo processes of 1 sample each against 1 process of 2 (the same draws:
+    every process draws the global batch's), the rescale over the global batch included. Different sums
+    (FSDP's reduce-scatter, sharded clipping norms): the fp32 bar."""
+    from training_fixtures import first_step
+
+    tiny_checkpoint(tmp_path / "model")
+    tiny_data(tmp_path / "data")
+    one = first_step(tiny_config(tmp_path, path={"output_dir": str(tmp_path / "one")}))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               os.path.join(HERE, "training_fixtures.py"), str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+    assert done.returncode == 0, done.stderr[-4000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    for key in ("loss", "grad_norm"):
+        assert two["record"][key] == pytest.approx(one["record"][key], rel=FP32_BAR)
+    assert two["gradients"].keys() == one["gradients"].keys() and len(one["gradients"]) == 20
+    for name, gradient in one["gradients"].items():
+        expected, got = torch.tensor(gradient), torch.tensor(two["gradients"][name])
+        if expected.abs().max() > 0:
+            assert relative(got, expected) <= FP32_BAR, name
+        else:  # the A factors: B starts at zero, so their first gradient is zero
+            assert got.abs().max() == 0, name
+
+
+# ---- the loss curve ---------------------------------------------------------------------------------------
+
+def read_png(data: bytes):
+    """(width, height, pixel rows) of an 8-bit RGB PNG, every chunk's CRC checked."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    position, chunks = 8, {}
+    while position < len(data):
+        (length,) = struct.unpack(">I", data[position:position + 4])
+        kind, body = data[position + 4:position + 8], data[position + 8:position + 8 + length]
+        (crc,) = struct.unpack(">I", data[position + 8 + length:position + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
+        chunks[kind] = body
+        position += 12 + length
+    width, height, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (depth, colour) == (8, 2) and b"IEND" in chunks
+    raw = zlib.decompress(chunks[b"IDAT"])
+    assert len(raw) == height * (1 + 3 * width)
+    return width, height, raw
+
+
+def test_loss_curve_png_is_valid_and_draws_each_loss(tmp_path):
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(json.dumps({"step": k, "generator_loss": 1 / k, "fake_score_loss": 0.5, "lr": 1e-4}) + "\n"
+                           for k in range(1, 31)))
+    assert write_loss_curve(str(log), str(tmp_path / "loss.png"), width=400, panel_height=120)
+    width, height, raw = read_png((tmp_path / "loss.png").read_bytes())
+    assert (width, height) == (400, 240)  # a panel per loss; the learning rate is no loss
+    rows = [raw[y * (1 + 3 * width) + 1:(y + 1) * (1 + 3 * width)] for y in range(height)]
+    inked = [sum(1 for x in range(width) if row[3 * x:3 * x + 3] != b"\xff\xff\xff") for row in rows]
+    assert sum(inked[:120]) > 300 and sum(inked[120:]) > 300  # both panels drawn
+    assert png_bytes(torch.zeros(2, 3, 3, dtype=torch.uint8).numpy())[16:24] == struct.pack(">II", 3, 2)
+
+
+# ---- the command and bad inputs -------------------------------------------------------------------------
+
+def write_toml(path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_anyflow_train_runs_a_toml_config(run, capsys):
+    config = write_toml(run / "run.toml", f"""
+manual_seed = 1
+[path]
+output_dir = "{run / 'out'}"
+[datasets.train]
+data_root = "{run / 'data'}"
+batch_size_per_gpu = 2
+[models.transformer_cfg]
+model_name = "{run / 'model'}"
+[models.transformer_cfg.lora_config]
+lora_rank = 2
+lora_alpha = 2
+[train]
+train_pipeline = "pretrain"
+total_iter = 2
+""")
+    assert anyflow_main(["train", config]) == 0
+    out = capsys.readouterr().out
+    assert "step 2/2" in out and "lora_ema.safetensors" in out
+    assert len(read_log(run)) == 2
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("[train]\nema_decy = 0.99\n", "unknown key 'train.ema_decy' (did you mean 'train.ema_decay'?)"),
+    ("[models.transformer_cfg.lora_config]\nlora_rnk = 8\n",
+     "unknown key 'models.transformer_cfg.lora_config.lora_rnk' (did you mean 'models.transformer_cfg.lora_config.lora_rank'?)"),
+    ("[train]\ntotal_iter = '100'\n", "train.total_iter must be an int, got '100'"),
+    ("[train.optim_g]\nbetas = [0.9]\n", "train.optim_g.betas must be a list of 2 floats, got [0.9]"),
+    ("[train]\ntrain_pipeline = 'onpolicy'\n", "models.real_cfg.model_name is required for train_pipeline = 'onpolicy'"),
+    ("[train]\ntrain_pipeline = 'stage1'\n", "train.train_pipeline must be one of 'teacher', 'pretrain', 'onpolicy'"),
+    ("[train\n", "not valid TOML"),
+])
+def test_config_mistakes_are_one_line_naming_the_key(tmp_path, text, expected):
+    base = (f"[path]\noutput_dir = '{tmp_path / 'out'}'\n[datasets.train]\ndata_root = '{tmp_path}'\n"
+            f"[models.transformer_cfg]\nmodel_name = 'm'\n")
+    path = write_toml(tmp_path / "c.toml", base + text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert expected in str(info.value) and str(info.value).startswith(path) and "\n" not in str(info.value)
+
+
+def test_cli_prints_a_config_typo_as_one_line(tmp_path, capsys):
+    path = write_toml(tmp_path / "c.toml", "[logger]\nprint_frq = 5\n")
+    assert anyflow_main(["train", path]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"anyflow train: error: {path}: unknown key 'logger.print_frq' (did you mean 'logger.print_freq'?)"
+
+
+def test_missing_data_folder_is_one_line(run):
+    raw = tiny_config(run, datasets={"train": {"data_root": str(run / "nowhere")}})
+    with pytest.raises(ValueError, match=r"^training data .*nowhere: no such folder \(make one with "
+                                         r"scripts/prepare_training_data.py\)$"):
+        Trainer(config_from_dict(raw), say=quiet)
+
+
+def test_data_of_the_wrong_shape_is_one_line(run):
+    shard = str(run / "data" / "shard_00001.safetensors")
+    tensors = load_file(shard)
+    save_file({"latents": tensors["latents"][:, :, :1].contiguous(), "prompt_embeds": tensors["prompt_embeds"]}, shard)
+    with pytest.raises(ValueError, match=r"shard_00001.safetensors: 'latents' is \(1, 4, 1, 4, 4\), "
+                                         r"dataset.json says \(1, 4, 2, 4, 4\)$"):
+        LatentDataset(str(run / "data"))
+
+
+def test_data_for_another_model_is_one_line(run, tmp_path):
+    AnyFlowTransformer3DModel(small_config(in_channels=8, out_channels=8, num_layers=1)).save_pretrained(
+        str(tmp_path / "wide"))
+    raw = tiny_config(run, models={"transformer_cfg": {"model_name": str(tmp_path / "wide")}})
+    with pytest.raises(ValueError, match=r"latents have 4 channels, the model takes in_channels=8$"):
+        Trainer(config_from_dict(raw), say=quiet)
+
+
+def test_a_lora_target_matching_nothing_stops_the_run(run):
+    raw = tiny_config(run, models={"transformer_cfg": {"lora_config": {"target_module_name": ["attn1.to_qkv"]}}})
+    with pytest.raises(ValueError, match="LoRA target 'attn1.to_qkv' matches no linear module"):
+        Trainer(config_from_dict(raw), say=quiet)
+
+
+def test_batches_cover_each_epoch_and_split_over_processes(run):
+    dataset = LatentDataset(str(run / "data"))
+    assert len(dataset) == 4 and dataset.frame_shape == (2, 4, 4, 4)
+    one = BatchSchedule(dataset, batch_size=2, seed=0)
+    assert sorted(one.indices(0) + one.indices(1)) == [0, 1, 2, 3]  # an epoch visits every sample once
+    ranks = [BatchSchedule(dataset, batch_size=1, seed=0, rank=r, processes=2) for r in range(2)]
+    assert [r.indices(1)[0] for r in ranks] == one.indices(1)  # process p takes row p of the global batch
+    with pytest.raises(ValueError, match="4 samples, fewer than one global batch of 6"):
+        BatchSchedule(dataset, batch_size=3, seed=0, processes=2)
+
+
+# ---- scripts/prepare_training_data.py ---------------------------------------------------------------------
+
+def test_prepare_training_data_makes_a_folder_the_trainer_trains_on(tmp_path, capsys):
+    """Videos and captions through the project's VAE and text encoder (a tiny snapshot) into a data folder, then
+    two stage-1 iterations of the snapshot's transformer on it."""
+    pytest.importorskip("av")
+    pytest.importorskip("tokenizers")
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from prepare_training_data import main as prepare
+    from snapshot_fixtures import make_tiny_snapshot
+
+    from anyflow.pipeline import VideoPipeline
+    from anyflow.video_io import write_video
+
+    snapshot = make_tiny_snapshot(tmp_path / "snapshot")
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    rng = np.random.default_rng(0)
+    for name, frames in (("fox", 9), ("cat", 9), ("short", 3)):
+        write_video(str(videos / f"{name}.mp4"), rng.integers(0, 255, (frames, 40, 56, 3), dtype=np.uint8))
+        (videos / f"{name}.txt").write_text(f"a {name} in the snow\n")
+    args = ["--model", snapshot, "--videos", str(videos), "--out", str(tmp_path / "data"), "--frames", "5",
+            "--height", "32", "--width", "48", "--shard-size", "1", "--device", "cpu"]
+    assert prepare(args) == 0
+    out = capsys.readouterr().out
+    assert "skipped, fewer than 5 frames: short.mp4 (3 frames)" in out and "wrote 2 samples" in out
+    dataset = LatentDataset(str(tmp_path / "data"))
+    assert len(dataset) == 2 and dataset.frame_shape == (2, 4, 4, 6) and dataset.text_shape == (512, 32)
+    pipe = VideoPipeline.from_pretrained(snapshot)
+    assert torch.equal(dataset[0][1], pipe.encode_prompt(["a cat in the snow"])[0])  # sorted: cat first
+    assert dataset.negative_embedding().shape == (1, 512, 32)
+    assert prepare(args) == 1  # the folder exists now
+    assert "exists and is not empty" in capsys.readouterr().err
+
+    raw = tiny_config(tmp_path, train={"total_iter": 2}, models={"transformer_cfg": {
+        "model_name": os.path.join(snapshot, "transformer")}})
+    Trainer(config_from_dict(raw), say=quiet).train()
+    assert len(read_log(tmp_path)) == 2
