@@ -277,6 +277,37 @@ def check_out(out: str, force: bool, inputs: List[tuple]) -> None:
 CLI_NAMES = ("--frames", "--height", "--width")
 
 
+def estimate_sampling_run(args: argparse.Namespace, checkpoint, noise_shape: tuple, text_tokens: int,
+                          partition: Optional[tuple], guided: bool, device, dtype):
+    """The memory a ``sample`` or ``generate`` run's sampling needs (a :class:`anyflow.memory.MemoryEstimate`), from
+    the opened ``checkpoint``'s headers and the arguments: the weights as loaded (``--weight-dtype``), the
+    device's kernels, the FAR cache, and ``--offload``."""
+    import torch
+
+    from anyflow.config import AnyFlowFARConfig
+    from anyflow.memory import (
+        ForwardKernels, estimate_far_sampling_memory, estimate_sampling_memory, weight_bytes, with_block_offload,
+    )
+    from weights_convert.conversion import loaded_nbytes
+    from weights_convert.scaled_fp8 import stored_as_float8
+
+    config = checkpoint.config
+    element_size = torch.empty(0, dtype=dtype).element_size()
+    weights = loaded_nbytes(checkpoint, dtype, args.weight_dtype)
+    kernels = ForwardKernels.on(device, dtype)
+    if isinstance(config, AnyFlowFARConfig):
+        estimate = estimate_far_sampling_memory(config, weights, noise_shape, text_tokens, element_size, partition,
+                                                kernels)
+    else:
+        estimate = estimate_sampling_memory(config, weights, noise_shape, text_tokens, element_size, guided, kernels)
+    if not args.offload:
+        return estimate
+    # the blocks as loaded: float8 when asked for, or when the checkpoint holds (folded) float8 pairs
+    stored = any(stored_as_float8(t) for t in checkpoint.tensors.values())
+    float8 = args.weight_dtype or (FLOAT8_WEIGHTS if stored else None)
+    return with_block_offload(estimate, weight_bytes(config, element_size, float8), host_is_device=device.type == "cpu")
+
+
 def check_chunks(args: argparse.Namespace, config, frames: int) -> Optional[tuple]:
     """--chunk-partition and --guidance-scale against the model: a FAR model's chunks (checked to sum to the
     latent frames) and no guidance; no chunks for a bidirectional one. None for a bidirectional model."""
@@ -399,17 +430,11 @@ def check_sample_run(args: argparse.Namespace, processes: "Processes") -> Sample
     if not (math.isfinite(args.max_hours) and args.max_hours >= 0):
         raise ValueError(f"--max-hours must be a number of hours >= 0 (0: no limit), got {args.max_hours}")
 
-    import torch
-
     from anyflow.compute import duration, estimate_far_sampling_compute, estimate_sampling_compute
     from anyflow.config import AnyFlowFARConfig
     from anyflow.devices import choose_dtype, dtype_warning
-    from anyflow.memory import (
-        ForwardKernels, available_memory, estimate_far_sampling_memory, estimate_sampling_memory, gib, weight_bytes,
-        with_block_offload,
-    )
+    from anyflow.memory import available_memory, gib
     from anyflow.sampling import flow_map_sigmas, steps_to_run
-    from weights_convert.conversion import loaded_nbytes
     from weights_convert.lora import apply_adapters
     from weights_convert.sources import open_checkpoint
 
@@ -456,19 +481,8 @@ def check_sample_run(args: argparse.Namespace, processes: "Processes") -> Sample
     noise_shape = (text.shape[0], frames, config.in_channels, h, w)
     given = read_context_latents(args.context_latents, noise_shape, partition)
 
-    element_size = torch.empty(0, dtype=dtype).element_size()
-    weights, text_tokens = loaded_nbytes(checkpoint, dtype, args.weight_dtype), text.shape[1]
-    kernels = ForwardKernels.on(device, dtype)
-    estimate = (estimate_far_sampling_memory(config, weights, noise_shape, text_tokens, element_size, partition, kernels)
-                if far else estimate_sampling_memory(config, weights, noise_shape, text_tokens, element_size, guided,
-                                                     kernels))
-    if args.offload:  # the blocks as loaded: float8 when asked for, or when the checkpoint holds float8 weights
-        from weights_convert.scaled_fp8 import stored_as_float8
-
-        stored = any(stored_as_float8(t) for t in checkpoint.tensors.values())  # the opened checkpoint's folded pairs
-        float8 = args.weight_dtype or (FLOAT8_WEIGHTS if stored else None)
-        estimate = with_block_offload(estimate, weight_bytes(config, element_size, float8),
-                                      host_is_device=device.type == "cpu")
+    text_tokens = text.shape[1]
+    estimate = estimate_sampling_run(args, checkpoint, noise_shape, text_tokens, partition, guided, device, dtype)
     estimate = processes.share(estimate, args.shard_weights, args.sequence_parallel)
     free = available_memory(device)
     need, where = processes.sharing_memory(estimate.total, device)

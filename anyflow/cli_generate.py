@@ -19,7 +19,7 @@ from itertools import accumulate
 
 from .cli import (
     CLI_NAMES, FLOAT8_WEIGHTS, LATENTS_KEY, MAX_STEPS, OFFLOAD_HELP, PIXEL_RULE, WEIGHT_DTYPE_HELP, ClaimedOutput,
-    Progress, check_chunks, check_out, count, resolve_device, seed_number,
+    Progress, check_chunks, check_out, count, estimate_sampling_run, resolve_device, seed_number,
 )
 from .video_shape import check_grid, latent_shape
 
@@ -97,14 +97,10 @@ def run_generate(args: argparse.Namespace) -> int:
     from anyflow.compute import duration, estimate_far_sampling_compute, estimate_sampling_compute, measure_matmul_rate
     from anyflow.config import AnyFlowFARConfig
     from anyflow.devices import choose_dtype, dtype_warning
-    from anyflow.memory import (
-        ForwardKernels, available_memory, estimate_far_sampling_memory, estimate_generation_memory,
-        estimate_sampling_memory, gib, weight_bytes, with_block_offload,
-    )
+    from anyflow.memory import available_memory, estimate_generation_memory, gib
     from anyflow.pipeline import VideoPipeline, read_snapshot
     from anyflow.sampling import flow_map_sigmas, steps_to_run
     from anyflow.video_io import VideoWriter, to_uint8, video_format
-    from weights_convert.conversion import loaded_nbytes
     from weights_convert.lora import apply_adapters, parse_lora_argument
     from weights_convert.sources import open_checkpoint
 
@@ -168,18 +164,7 @@ def run_generate(args: argparse.Namespace) -> int:
     noise_shape = (1, frames, config.in_channels, h, w)
     guided = args.guidance_scale > 1
     element_size = torch.empty(0, dtype=dtype).element_size()
-    weights = loaded_nbytes(transformer, dtype, args.weight_dtype)
-    kernels = ForwardKernels.on(device, dtype)
-    sampling = (estimate_far_sampling_memory(config, weights, noise_shape, TEXT_TOKENS, element_size, partition, kernels)
-                if far else estimate_sampling_memory(config, weights, noise_shape, TEXT_TOKENS, element_size, guided,
-                                                     kernels))
-    if args.offload:  # the blocks as loaded: float8 when asked for, or when the checkpoint holds float8 weights
-        from weights_convert.scaled_fp8 import stored_as_float8
-
-        stored = any(stored_as_float8(t) for t in transformer.tensors.values())  # the opened checkpoint's folded pairs
-        float8 = args.weight_dtype or (FLOAT8_WEIGHTS if stored else None)
-        sampling = with_block_offload(sampling, weight_bytes(config, element_size, float8),
-                                      host_is_device=device.type == "cpu")
+    sampling = estimate_sampling_run(args, transformer, noise_shape, TEXT_TOKENS, partition, guided, device, dtype)
     memory = estimate_generation_memory(sampling, **component_sizes(snapshot, element_size), height=args.height,
                                         width=args.width)
     free = available_memory(device)

@@ -179,6 +179,15 @@ def oracle_forward(model, x, text, t=900.0, r=400.0):
         return model(x.to(dtype), *grid, text.to(dtype)).sample
 
 
+def float32_reference(folder: str, x: torch.Tensor, text: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """diffusers' float32 output on these inputs, its model freed after."""
+    oracle = load_oracle(folder, torch.float32, device)
+    reference = oracle_forward(oracle, x, text).float()
+    del oracle
+    free()
+    return reference
+
+
 def our_forward(model, x, text, t=900.0, r=400.0):
     with torch.no_grad():
         return model(x, t, r, text).sample
@@ -221,10 +230,7 @@ def check_parity(check: Check, configs: Dict, workdir: str) -> None:
     for name, (config, latent, text_tokens) in configs.items():
         folder = os.path.join(workdir, name.replace(" ", "-"))
         x, text = random_inputs(config, latent, text_tokens, device)
-        oracle = load_oracle(folder, torch.float32, device)
-        reference = oracle_forward(oracle, x, text).float()
-        del oracle
-        free()
+        reference = float32_reference(folder, x, text, device)
         ours = AnyFlowTransformer3DModel.from_pretrained(folder, dtype="float32", device=device)
         fp32_error = relative(our_forward(ours, x, text), reference)
         del ours
@@ -296,10 +302,7 @@ def check_fp8(check: Check, configs: Dict, workdir: str) -> None:
     for name, (config, latent, text_tokens) in configs.items():
         folder = os.path.join(workdir, name.replace(" ", "-"))
         x, text = random_inputs(config, latent, text_tokens, device)
-        oracle = load_oracle(folder, torch.float32, device)
-        reference = oracle_forward(oracle, x, text).float()
-        del oracle
-        free()
+        reference = float32_reference(folder, x, text, device)
         plain = plainly_quantised_oracle(folder, device)
         plain_error = relative(oracle_forward(plain, x, text), reference)
         del plain
