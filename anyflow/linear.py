@@ -18,8 +18,13 @@ from torch import nn
 
 
 def _cpu_has_native(dtype: torch.dtype) -> bool:
+    """Whether this CPU has the dtype's units and ATen dispatches to its AVX512 kernels: with the
+    capability forced lower (``ATEN_CPU_CAPABILITY=avx2`` or ``default``) torch's half-precision
+    attention still packs for AMX and fails ("pack_vnni2 is only supported when avx512 is supported")."""
     probes = {torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
               torch.float16: ("_is_amx_fp16_supported",)}[dtype]
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 

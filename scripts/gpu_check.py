@@ -26,6 +26,7 @@ measured ("-"). Needs the test extra (diffusers, the oracle).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -172,10 +173,19 @@ def load_oracle(folder: str, dtype: torch.dtype, device: torch.device):
 
 
 def oracle_forward(model, x, text, t=900.0, r=400.0):
-    """diffusers' model takes the same (B, F, C, H, W) latents and per-frame timesteps."""
+    """diffusers' model takes the same (B, F, C, H, W) latents and per-frame timesteps.
+
+    On a CPU whose ATen kernels are forced below AVX512 (CI's ``ATEN_CPU_CAPABILITY=default`` pass),
+    torch's half-precision flash attention still packs for AMX and fails ("pack_vnni2"); ours then
+    computes in float32 (anyflow/linear.py), and diffusers' attention is run on the math kernel.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     dtype = model.patch_embedding.weight.dtype  # (its fp32 islands aside)
     grid = torch.full(x.shape[:2], t, device=x.device), torch.full(x.shape[:2], r, device=x.device)
-    with torch.no_grad():
+    forced_lower = x.device.type == "cpu" and torch.backends.cpu.get_cpu_capability() != "AVX512"
+    math_only = sdpa_kernel(SDPBackend.MATH) if forced_lower and dtype != torch.float32 else contextlib.nullcontext()
+    with torch.no_grad(), math_only:
         return model(x.to(dtype), *grid, text.to(dtype)).sample
 
 

@@ -276,3 +276,13 @@ def test_the_memory_estimate_knows_the_gpus_kernels():
     assert activations(gpu) - cpu == (tokens - 4096) * config.ffn_dim * 8
     math_kernel = ForwardKernels(ffn_tokens_per_chunk=None, materialised_scores=True)
     assert activations(math_kernel) - activations(gpu) == 12 * tokens**2 * 8
+
+
+def test_half_precision_kernels_count_as_native_only_at_the_avx512_dispatch_level(monkeypatch):
+    """With ATen forced below AVX512 (ATEN_CPU_CAPABILITY=avx2 or default) torch's bfloat16 attention
+    fails on AMX CPUs ("pack_vnni2 ..."): half precision is then computed in float32."""
+    from anyflow.linear import _cpu_has_native
+
+    for capability in ("DEFAULT", "AVX2"):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        assert not _cpu_has_native(torch.bfloat16) and not _cpu_has_native(torch.float16)
