@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 
-from benchlib import ROOT, run_worker, save_random_weights
+from benchlib import RESET_PEAKS, ROOT, run_worker, save_random_weights
 
 D13 = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960)
 RSS_GOAL = 0.5  # the forward's peak RSS growth, ours / diffusers' (docs/PERFORMANCE.md: the goals of `mid`)
@@ -70,14 +70,7 @@ compile_s = None
 if job["warmup"]:
     start = time.perf_counter(); forward(); compile_s = time.perf_counter() - start
 gc.collect()
-def status(key):
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) / 1024
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset the peak RSS to the current RSS
-base = status("VmRSS")
-if device.type == "cuda":
-    torch.cuda.reset_peak_memory_stats()
-    base_gpu = torch.cuda.memory_allocated() / 2**20
+""" + RESET_PEAKS + r"""
 start = time.perf_counter()
 out = forward()
 seconds = time.perf_counter() - start

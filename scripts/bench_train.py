@@ -25,7 +25,7 @@ import os
 import statistics
 
 from bench import CONFIGS
-from benchlib import run_worker, save_random_weights
+from benchlib import RESET_PEAKS, run_worker, save_random_weights
 
 WORKER = r"""
 import json, sys, time, gc
@@ -80,14 +80,7 @@ def step():
         torch.cuda.synchronize()
     return loss
 gc.collect()
-def status(key):
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) / 1024
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset the peak RSS to the current RSS
-base = status("VmRSS")
-if device.type == "cuda":
-    torch.cuda.reset_peak_memory_stats()
-    base_gpu = torch.cuda.memory_allocated() / 2**20
+""" + RESET_PEAKS + r"""
 start = time.perf_counter()
 loss = step()
 seconds = time.perf_counter() - start

@@ -33,6 +33,21 @@ def run_worker(code: str, job: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# Worker code (after ``device`` and ``torch`` are defined): ``status(key)`` reads /proc/self/status in MB; the
+# peak RSS is reset to the current RSS (``base``) and, on CUDA, the allocator's peak (``base_gpu``), so that
+# what follows is measured alone.
+RESET_PEAKS = (
+    "def status(key):\n"
+    "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key)) / 1024\n"
+    "with open('/proc/self/clear_refs', 'w') as f:\n"
+    "    f.write('5')  # reset the peak RSS to the current RSS\n"
+    "base = status('VmRSS')\n"
+    "if device.type == 'cuda':\n"
+    "    torch.cuda.reset_peak_memory_stats()\n"
+    "    base_gpu = torch.cuda.memory_allocated() / 2**20\n"
+)
+
+
 # Each probe prints one JSON line: its wall time and its own peak RSS (VmHWM: unlike ru_maxrss,
 # it is not inherited from the parent across fork and exec).
 PROBE_TAIL = (
