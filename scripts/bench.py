@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 
-from benchlib import RESET_PEAKS, ROOT, run_worker, save_random_weights
+from benchlib import RESET_PEAKS, ROOT, ensure_random_weights, run_worker
 
 D13 = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960)
 RSS_GOAL = 0.5  # the forward's peak RSS growth, ours / diffusers' (docs/PERFORMANCE.md: the goals of `mid`)
@@ -123,11 +123,7 @@ def prepare(name: str, workdir: str) -> tuple:
     model_cfg, latent, text_len = CONFIGS[name]
     weights = os.path.join(workdir, f"{name}-weights")
     inputs = os.path.join(workdir, f"{name}-inputs.safetensors")
-    if not os.path.isdir(weights):
-        from diffusers import AnyFlowTransformer3DModel as Oracle
-
-        torch.manual_seed(0)
-        save_random_weights(Oracle(**model_cfg), weights)
+    ensure_random_weights(model_cfg, weights)
     if not os.path.exists(inputs):
         gen = torch.Generator().manual_seed(1)
         t = 1000 * torch.rand(1, latent[0], generator=gen)

@@ -25,7 +25,7 @@ import os
 import statistics
 
 from bench import CONFIGS
-from benchlib import RESET_PEAKS, run_worker, save_random_weights
+from benchlib import RESET_PEAKS, ensure_random_weights, run_worker
 
 WORKER = r"""
 import json, sys, time, gc
@@ -101,11 +101,7 @@ def prepare(name: str, workdir: str) -> tuple:
     model_cfg, (frames, channels, height, width), text_len = CONFIGS[name]
     weights = os.path.join(workdir, f"{name}-weights")
     inputs = os.path.join(workdir, f"{name}-train-inputs.safetensors")
-    if not os.path.isdir(weights):
-        from diffusers import AnyFlowTransformer3DModel as Oracle
-
-        torch.manual_seed(0)
-        save_random_weights(Oracle(**model_cfg), weights)
+    ensure_random_weights(model_cfg, weights)
     if not os.path.exists(inputs):
         gen = torch.Generator().manual_seed(2)
         shape = (1, frames, channels, height, width)

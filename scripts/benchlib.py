@@ -24,6 +24,17 @@ def save_random_weights(oracle, folder: str) -> None:
     os.rename(folder + ".tmp", folder)
 
 
+def ensure_random_weights(model_cfg: dict, folder: str) -> None:
+    """diffusers' model of ``model_cfg`` with :func:`save_random_weights`' weights in ``folder``, unless it is there."""
+    if os.path.isdir(folder):
+        return
+    import torch
+    from diffusers import AnyFlowTransformer3DModel as Oracle
+
+    torch.manual_seed(0)
+    save_random_weights(Oracle(**model_cfg), folder)
+
+
 def run_worker(code: str, job: dict) -> dict:
     """Run ``code`` in a fresh interpreter with ``job`` (JSON) as argv[1]; the JSON its last line prints."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

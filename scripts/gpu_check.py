@@ -46,6 +46,9 @@ from anyflow.cli import DEMO_BAR  # noqa: E402
 from anyflow.config import AnyFlowConfig  # noqa: E402
 from weights_convert.safetensors_io import read_header  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import ensure_random_weights  # noqa: E402  (the benchmarks' random oracle weights)
+
 D13 = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, text_dim=4096, freq_dim=256)
 # name: (config, latents (F, C, H, W), text tokens)
 CONFIGS = {
@@ -151,19 +154,6 @@ def random_inputs(config: dict, latent: tuple, text_tokens: int, device: torch.d
     x = torch.randn(1, *latent, generator=gen)
     text = torch.randn(1, text_tokens, config["text_dim"], generator=gen)
     return x.to(device), text.to(device)
-
-
-def save_oracle(config: dict, folder: str) -> None:
-    """diffusers' model of ``config`` with random O(1)-activation weights, saved as diffusers saves it."""
-    from diffusers import AnyFlowTransformer3DModel as Oracle
-
-    torch.manual_seed(0)
-    oracle = Oracle(**AnyFlowConfig(**config).to_dict())
-    with torch.no_grad():
-        for name, p in oracle.named_parameters():
-            if p.dim() >= 2 and "scale_shift_table" not in name:
-                p.copy_(torch.randn(p.shape) / p[0].numel() ** 0.5)
-    oracle.save_pretrained(folder)
 
 
 def load_oracle(folder: str, dtype: torch.dtype, device: torch.device):
@@ -499,8 +489,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.makedirs(workdir, exist_ok=True)
         for name, (config, _, _) in configs.items():  # random weights in diffusers' layout, for every section
             folder = os.path.join(workdir, name.replace(" ", "-"))
-            if not os.path.isdir(folder):
-                save_oracle(config, folder)
+            ensure_random_weights(AnyFlowConfig(**config).to_dict(), folder)
         check.run("smoke", lambda: check_smoke(check))
         check.run("parity", lambda: check_parity(check, configs, workdir))
         check.run("compile", lambda: check_compile(check, configs, workdir, backend))
