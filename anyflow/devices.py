@@ -7,6 +7,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from .parameters import DTYPE_NAMES
+
 SUPPORTED = "'cpu', 'cuda' or 'cuda:N'"
 
 
@@ -92,8 +94,8 @@ def choose_dtype(name: str, device: torch.device, capability: Optional[Tuple[int
     name the dtype of that name ("float32", "bfloat16", "float16")."""
     if name == "auto":
         return auto_dtype(device, capability)
-    if name not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype {name!r}: use auto, float32, bfloat16 or float16")
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"--dtype {name!r}: use auto, {', '.join(DTYPE_NAMES[:-1])} or {DTYPE_NAMES[-1]}")
     return getattr(torch, name)
 
 
