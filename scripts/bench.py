@@ -13,7 +13,7 @@ first forward measures more, and less steadily: 522 MB instead of 421 for ours a
 ``--cold`` measures it). The table gives medians over --repeats, the ratios ours/oracle, achieved
 GFLOP/s (matmul and attention FLOPs of the forward) next to a matmul rate measured in this run,
 and the parity of the two outputs. For ours, ``est MB`` is the activation part of the memory
-estimate ``anyflow sample`` checks before a run (:mod:`anyflow.memory`), to set beside the measured
+estimate ``anyflow sample`` checks before a run (:mod:`anyflow.runtime.memory`), to set beside the measured
 RSS growth. Under each group a line gives the forward's memory, ours against diffusers, beside the
 goal ``RSS_GOAL``, so that a regression shows. Needs the test extra (diffusers) for the oracle.
 """
@@ -160,7 +160,7 @@ def main() -> None:
     print("F.linear 4096x2048x2048: " + ", ".join(f"{d} {r:.0f} GFLOP/s" for d, r in rates.items())
           + "  (%matmul below is against the rate of the row's dtype)")
     from anyflow import AnyFlowConfig
-    from anyflow.memory import estimate_sampling_memory
+    from anyflow.runtime.memory import estimate_sampling_memory
 
     header = (f"{'config':<12} {'dtype':<8} {'impl':<13} {'forward s':>9} {'ratio':>6} {'RSS+ MB':>8} {'ratio':>6} "
               f"{'est MB':>7} {'GFLOP/s':>8} {'%matmul':>7} {'parity':>9}")

@@ -108,9 +108,8 @@ import dataclasses, json, sys, time
 job = json.loads(sys.argv[1])
 sys.path.insert(0, job["code"])
 import torch
-import anyflow.attention as attention
-from anyflow import AnyFlowFARConfig, AnyFlowFARTransformer3DModel
-from anyflow.far import FarKVCache
+import anyflow.model.attention as attention
+from anyflow import AnyFlowFARConfig, AnyFlowFARTransformer3DModel, FarKVCache
 dtype = getattr(torch, job["dtype"])
 torch.set_num_threads(1)  # timed in CPU seconds of this one thread: what others' load on the machine moves least
 h, w = job["latent"]
@@ -125,7 +124,7 @@ per_frame = h * w // 4
 with torch.no_grad():
     context = model.prepare_context(torch.randn(1, 512, 4096, generator=gen).to(dtype))
     preallocated = "storage" in {f.name for f in dataclasses.fields(FarKVCache)}
-    real_attend = attention._attend
+    real_attend = attention.attend
     def stub_attend(q, k, v):  # attention's output shape, none of its work
         return q.new_zeros(q.shape[0], q.shape[1], q.shape[2] * q.shape[3])
     rows = []
@@ -144,18 +143,18 @@ with torch.no_grad():
         times, stubbed = [], []
         for _ in range(job["repeats"]):  # alternating, so that the machine's moods hit both alike
             times.append(run())
-            attention._attend = stub_attend
+            attention.attend = stub_attend
             try:
                 stubbed.append(run())
             finally:
-                attention._attend = real_attend
+                attention.attend = real_attend
         seconds, without = min(times), min(stubbed)  # others' load on a shared machine only adds time
-        attention._attend = stub_attend
+        attention.attend = stub_attend
         try:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
                 model.step(chunk, t, r, context, cache)
         finally:
-            attention._attend = real_attend
+            attention.attend = real_attend
         allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.key_averages())
         rows.append({"frames": frames, "tokens": tokens, "seconds": seconds, "without_attention": without,
                      "allocated_mb": allocated / 2**20})

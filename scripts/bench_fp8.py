@@ -79,7 +79,7 @@ def error_rows(config, seed: int) -> dict:
     from diffusers import AnyFlowTransformer3DModel as Oracle
 
     from anyflow import AnyFlowTransformer3DModel
-    from anyflow.fp8 import quantise_block_linears
+    from anyflow.runtime.fp8 import quantise_block_linears
     from weights_convert import convert_state_dict
 
     oracle = Oracle(**config.to_dict()).eval()
@@ -113,7 +113,7 @@ def error_rows(config, seed: int) -> dict:
 
 
 def held_bytes(model) -> dict:
-    from anyflow.parameters import is_float8_weight
+    from anyflow.model.parameters import is_float8_weight
 
     state = model.state_dict()
     linears = sum(t.numel() * t.element_size() for k, t in state.items() if is_float8_weight(k.removesuffix("_scale")))
@@ -125,7 +125,7 @@ def whole_model_bytes(preset: str) -> tuple:
     import torch
 
     from anyflow import PRESETS, AnyFlowTransformer3DModel
-    from anyflow.fp8 import quantise_block_linears
+    from anyflow.runtime.fp8 import quantise_block_linears
 
     with torch.device("meta"):
         model = AnyFlowTransformer3DModel(PRESETS[preset]).to_dtype("bfloat16")
@@ -167,7 +167,7 @@ def main() -> int:
     import torch.nn.functional as F
 
     from anyflow import AnyFlowConfig, AnyFlowTransformer3DModel
-    from anyflow.fp8 import dequantise, quantise, quantise_block_linears
+    from anyflow.runtime.fp8 import dequantise, quantise, quantise_block_linears
     from weights_convert import convert
 
     config = AnyFlowConfig(**{**AnyFlowConfig.from_preset(PRESET_1_3B).to_dict(), "num_layers": args.layers})

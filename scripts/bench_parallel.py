@@ -89,7 +89,7 @@ def make_weights(folder: str, layers: int) -> None:
     import torch
 
     from anyflow import AnyFlowConfig, AnyFlowTransformer3DModel
-    from anyflow.parameters import is_fp32_island, parameter_shapes
+    from anyflow.model.parameters import is_fp32_island, parameter_shapes
 
     config = AnyFlowConfig(num_attention_heads=12, ffn_dim=8960, num_layers=layers)
     gen = torch.Generator().manual_seed(0)
@@ -139,7 +139,7 @@ def main() -> None:
     import torch
 
     from anyflow import AnyFlowConfig
-    from anyflow.parameters import is_fp32_island, parameter_shapes
+    from anyflow.model.parameters import is_fp32_island, parameter_shapes
 
     config = AnyFlowConfig(num_attention_heads=12, ffn_dim=8960, num_layers=args.layers)
     sharded = sum(math.prod(s) * 2 for n, s in parameter_shapes(config).items() if not is_fp32_island(n))

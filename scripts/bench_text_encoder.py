@@ -32,7 +32,7 @@ import statistics
 import torch
 from benchlib import probe
 
-from anyflow.text_encoder import UMT5_XXL
+from anyflow.text.encoder import UMT5_XXL
 
 XXL = {k: v for k, v in dataclasses.asdict(UMT5_XXL).items() if k != "num_layers"}
 
@@ -87,9 +87,9 @@ ids[0, {n}:] = 0
 mask = (torch.arange(512) < {n}).long()[None]
 """
 BODIES = {
-    "ours, streaming": "from anyflow.text_encoder import UMT5Encoder\n{inputs}\nL0 = time.perf_counter()\n"
+    "ours, streaming": "from anyflow.text.encoder import UMT5Encoder\n{inputs}\nL0 = time.perf_counter()\n"
                        "out = UMT5Encoder.streaming({folder!r}, dtype='bfloat16')(ids[:, :{n}], mask[:, :{n}])",
-    "ours, in memory": "from anyflow.text_encoder import UMT5Encoder\n{inputs}\nL0 = time.perf_counter()\n"
+    "ours, in memory": "from anyflow.text.encoder import UMT5Encoder\n{inputs}\nL0 = time.perf_counter()\n"
                        "with torch.no_grad():\n    out = UMT5Encoder.from_pretrained({folder!r}, dtype='bfloat16')"
                        "(ids[:, :{n}], mask[:, :{n}])",
     "transformers": "from transformers import UMT5EncoderModel\n{inputs}\nL0 = time.perf_counter()\n"

@@ -28,8 +28,8 @@ LATENTS_KEY = "latents"
 def encode(args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
 
-    from anyflow.prompts import encode_prompts, load_tokenizer
-    from anyflow.text_encoder import UMT5Encoder
+    from anyflow.text.tokenizer import encode_prompts, load_tokenizer
+    from anyflow.text.encoder import UMT5Encoder
 
     tokenizer = load_tokenizer(os.path.join(args.pipeline, "tokenizer"))
     encoder = UMT5Encoder.streaming(os.path.join(args.pipeline, "text_encoder"), device=args.device)
@@ -46,7 +46,7 @@ def decode(args: argparse.Namespace) -> None:
     from safetensors.torch import load_file
 
     from anyflow.vae import WanVAE
-    from anyflow.video_io import VideoWriter, to_uint8
+    from anyflow.pipeline.video_io import VideoWriter, to_uint8
 
     vae = WanVAE.from_pretrained(os.path.join(args.pipeline, "vae"), dtype="float32", device=args.device)
     latents = load_file(args.latents)[LATENTS_KEY][:1].to(args.device, torch.float32)  # (1, C, F, H, W)

@@ -15,7 +15,7 @@ The exit status is 1 when a section failed or a figure missed its bar.
 3. compile: eager against ``compile_blocks()`` (first call, then steady time).
 4. fp8: ``weight_dtype="float8_e4m3fn"`` against bfloat16: error, time, held weight bytes.
 5. offload: ``offload="blocks"`` peak memory against the plain model, with and without fp8.
-6. sample: the peak of ``sample()`` against ``anyflow.memory``'s estimate.
+6. sample: the peak of ``sample()`` against ``anyflow.runtime.memory``'s estimate.
 7. load: ``from_pretrained(device=...)`` time and host peak RSS (a fresh process).
 8. parallel: ``load_parallel`` on one rank (NCCL on CUDA, gloo on the CPU) against ``from_pretrained``.
 
@@ -42,8 +42,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from anyflow import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel, sample, sample_far  # noqa: E402
-from anyflow.cli import DEMO_BAR  # noqa: E402
-from anyflow.config import AnyFlowConfig  # noqa: E402
+from anyflow.cli.demo import DEMO_BAR  # noqa: E402
+from anyflow.model.config import AnyFlowConfig  # noqa: E402
 from weights_convert.safetensors_io import read_header  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -346,9 +346,9 @@ def check_offload(check: Check, configs: Dict, workdir: str) -> None:
 
 
 def check_sample_estimate(check: Check, configs: Dict, workdir: str) -> None:
-    from anyflow.memory import ForwardKernels, estimate_sampling_memory
+    from anyflow.runtime.memory import ForwardKernels, estimate_sampling_memory
 
-    rows = check.section("6. sample() peak against anyflow.memory's estimate (bfloat16, 2 steps)",
+    rows = check.section("6. sample() peak against anyflow.runtime.memory's estimate (bfloat16, 2 steps)",
                          ["config", "measured MB", "estimate MB", "estimate / measured"])
     device = check.device
     for name, (config, latent, text_tokens) in configs.items():

@@ -82,10 +82,10 @@ def main(argv=None) -> int:
 def prepare(args: argparse.Namespace) -> int:
     import torch
 
-    from anyflow.devices import resolve_device
+    from anyflow.runtime.devices import resolve_device
     from anyflow.pipeline import VideoPipeline
     from anyflow.training.data import DatasetWriter
-    from anyflow.video_io import read_frames
+    from anyflow.pipeline.video_io import read_frames
 
     if (args.frames - 1) % 4 or args.frames < 1:
         raise ValueError(f"--frames must be 4k + 1 (the VAE's temporal compression), got {args.frames}")

@@ -18,7 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from anyflow import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel, sample, sample_far
-from anyflow.cli import TINY_CHECKPOINT, TINY_FAR_CHECKPOINT, main
+from anyflow.cli import main
+from anyflow.cli.demo import TINY_CHECKPOINT, TINY_FAR_CHECKPOINT
 
 from conftest import require_oracle
 
@@ -167,7 +168,7 @@ SAMPLE_ERRORS = {
 def test_sample_errors_are_one_line_name_the_argument_and_leave_nothing(tmp_path, inputs, capsys, monkeypatch, case):
     import errno
 
-    import anyflow.memory
+    import anyflow.runtime.memory
 
     change, flags, message = SAMPLE_ERRORS[case]
     values = {"--model": str(TINY_CHECKPOINT), "--prompt-embeds": str(inputs["embeds"]), "--frames": "9",
@@ -178,7 +179,7 @@ def test_sample_errors_are_one_line_name_the_argument_and_leave_nothing(tmp_path
         raise AssertionError("the model was loaded before the arguments were checked")
 
     monkeypatch.setattr(AnyFlowTransformer3DModel, "from_pretrained", must_not_load)
-    monkeypatch.setattr(anyflow.memory, "available_memory", lambda device: 8 * 2**30)
+    monkeypatch.setattr(anyflow.runtime.memory, "available_memory", lambda device: 8 * 2**30)
     if os.geteuid() == 0:  # root writes into a 0o555 folder: refuse as a read-only mount would
         real_open = os.open
 
@@ -267,7 +268,7 @@ def test_version_and_help_on_every_option(capsys):
 
 
 def test_inspect_writes_counts_readably(capsys):
-    from anyflow.cli import count
+    from anyflow.cli.common import format_count as count
 
     assert [count(n) for n in (12, 443_520, 1_418_996_800, 999_600)] == ["12", "4.44e5", "1.42e9", "1.00e6"]
     assert main(["inspect", TINY_CHECKPOINT]) == 0
@@ -276,7 +277,7 @@ def test_inspect_writes_counts_readably(capsys):
 
 def test_memory_estimate_adds_its_parts_and_doubles_with_guidance():
     from anyflow import AnyFlowConfig
-    from anyflow.memory import available_memory, estimate_sampling_memory
+    from anyflow.runtime.memory import available_memory, estimate_sampling_memory
 
     config = AnyFlowConfig.from_preset("anyflow-wan2.1-t2v-1.3b")
     plain = estimate_sampling_memory(config, 5_000_000_000, (1, 21, 16, 60, 104), 512, 2)
@@ -365,12 +366,12 @@ def test_help_states_the_pixel_multiples_and_the_compute_limit(capsys):
 
 
 def test_the_compute_cost_is_stated_and_an_absurd_run_refused_before_loading(tmp_path, embeddings, capsys, monkeypatch):
-    import anyflow.compute
+    import anyflow.runtime.compute
 
     def stop_at_loading(*args, **kwargs):
         raise ValueError("stopped where the model would load")
 
-    monkeypatch.setattr(anyflow.compute, "measure_matmul_rate", lambda device, dtype, width: 1e9)  # 1 GFLOP/s
+    monkeypatch.setattr(anyflow.runtime.compute, "measure_matmul_rate", lambda device, dtype, width: 1e9)  # 1 GFLOP/s
     monkeypatch.setattr(AnyFlowTransformer3DModel, "from_pretrained", stop_at_loading)
     args = ["sample", "--model", TINY_CHECKPOINT, "--prompt-embeds", str(embeddings), "--frames", "2001", "--height",
             "512", "--width", "512", "--device", "cpu", "--out", str(tmp_path / "o.safetensors")]
@@ -452,16 +453,16 @@ def test_a_device_torch_does_not_know_is_named_in_one_line():
 
 
 def test_compile_compiles_the_blocks_and_writes_what_eager_writes(tmp_path, embeddings, monkeypatch, capsys):
-    from anyflow.model import AnyFlowBackbone
+    from anyflow.pretrained import Pretrained
 
     compiled = []
-    plain_compile = AnyFlowBackbone.compile_blocks
+    plain_compile = Pretrained.compile_blocks
 
     def compile_blocks(model, **options):  # the eager backend: traced graphs, the same kernels, no C++ build
         compiled.append(type(model).__name__)
         return plain_compile(model, backend="eager")
 
-    monkeypatch.setattr(AnyFlowBackbone, "compile_blocks", compile_blocks)
+    monkeypatch.setattr(Pretrained, "compile_blocks", compile_blocks)
     common = ["sample", "--model", TINY_CHECKPOINT, "--prompt-embeds", str(embeddings), "--frames", "5", "--height",
               "32", "--width", "32", "--steps", "2", "--device", "cpu"]
     assert main(common + ["--out", str(tmp_path / "eager.safetensors")]) == 0

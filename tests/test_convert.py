@@ -190,8 +190,8 @@ RELEASED = ["anyflow-wan2.1-t2v-1.3b", "anyflow-wan2.1-t2v-14b", "anyflow-far-wa
 
 @pytest.mark.parametrize("preset", RELEASED)
 def test_the_released_models_configs_are_inferred_from_their_shapes(preset):
-    from anyflow.config import PRESETS
-    from anyflow.parameters import parameter_shapes
+    from anyflow.model.config import PRESETS
+    from anyflow.model.parameters import parameter_shapes
     from weights_convert.sources import infer_config
 
     assert infer_config(parameter_shapes(PRESETS[preset])) == PRESETS[preset]  # shapes only: nothing allocated
@@ -200,8 +200,8 @@ def test_the_released_models_configs_are_inferred_from_their_shapes(preset):
 def test_inspect_says_how_a_config_was_inferred(tmp_path, capsys):
     """A released width (1536) without a config.json: a sparse file, headers only, nothing allocated."""
     from anyflow.cli import main
-    from anyflow.config import AnyFlowConfig
-    from anyflow.parameters import parameter_shapes
+    from anyflow.model.config import AnyFlowConfig
+    from anyflow.model.parameters import parameter_shapes
     from weights_convert.safetensors_io import header_bytes
 
     config = AnyFlowConfig(num_attention_heads=12, ffn_dim=64, num_layers=1, text_dim=32, freq_dim=32)

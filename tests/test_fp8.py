@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from anyflow import AnyFlowFARConfig, AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel, PRESETS, sample
-from anyflow.cli import TINY_CHECKPOINT, main as anyflow_main
-from anyflow.fp8 import Float8Linear, dequantise, quantise, quantise_block_linears
-from anyflow.parameters import FLOAT8_LINEARS, is_float8_weight, is_fp32_island, parameter_shapes
+from anyflow.cli import main as anyflow_main
+from anyflow.cli.demo import TINY_CHECKPOINT
+from anyflow.runtime.fp8 import Float8Linear, dequantise, quantise, quantise_block_linears
+from anyflow.model.parameters import FLOAT8_LINEARS, is_float8_weight, is_fp32_island, parameter_shapes
 from weights_convert import CheckpointError, convert_state_dict, open_checkpoint
 from weights_convert.cli import main as convert_main
 from weights_convert.conversion import loaded_nbytes

@@ -10,11 +10,13 @@ import re
 import pytest
 import torch
 
-from anyflow import AnyFlowTransformer3DModel, sample, sample_far
-from anyflow.config import AnyFlowFARConfig
-from anyflow.devices import attention_materialises_scores, auto_dtype, choose_dtype, configure_precision, dtype_warning
-from anyflow.far import AnyFlowFARTransformer3DModel
-from anyflow.torch_support import TORCH_FLOOR
+from anyflow import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel, sample, sample_far
+from anyflow.model.config import AnyFlowFARConfig
+from anyflow.cli.common import DTYPE_CHOICES
+from anyflow.runtime.devices import (
+    attention_materialises_scores, auto_dtype, configure_precision, dtype_warning, resolve_dtype,
+)
+from anyflow.runtime.torch_support import TORCH_FLOOR
 from conftest import SMALL, randomize_, small_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -28,7 +30,7 @@ CUDA = torch.device("cuda")
 ])
 def test_auto_dtype_follows_the_gpus_units(capability, expected):
     assert auto_dtype(CUDA, capability) == expected
-    assert choose_dtype("auto", CUDA, capability) == expected
+    assert resolve_dtype("auto", DTYPE_CHOICES, device=CUDA, capability=capability) == expected
     assert auto_dtype(torch.device("cpu")) == torch.float32
 
 
@@ -39,8 +41,8 @@ def test_bfloat16_before_ampere_is_named_as_the_math_kernel():
     assert not attention_materialises_scores(torch.device("cpu"), torch.bfloat16)
     assert "no bfloat16 units" in dtype_warning(CUDA, torch.bfloat16, (7, 5))
     assert dtype_warning(CUDA, torch.float16, (7, 5)) is None
-    with pytest.raises(ValueError, match="--dtype 'half'"):
-        choose_dtype("half", CUDA, (9, 0))
+    with pytest.raises(ValueError, match=r"--dtype must be a torch dtype or one of \['auto', 'float32', .*got 'half'"):
+        resolve_dtype("half", DTYPE_CHOICES, argument="--dtype", device=CUDA, capability=(9, 0))
 
 
 def test_float16_on_cuda_turns_off_reduced_precision_sums():
@@ -194,7 +196,7 @@ def test_apis_newer_than_the_floor_have_a_fallback():
 
 
 def test_importing_anyflow_on_an_older_torch_names_the_floor(monkeypatch):
-    from anyflow import torch_support
+    from anyflow.runtime import torch_support
 
     monkeypatch.setattr(torch, "__version__", "2.5.1+cu121")
     with pytest.raises(ImportError, match=r"torch 2.5.1\+cu121 .* needs torch >= 2.7"):
@@ -206,7 +208,7 @@ def test_importing_anyflow_on_an_older_torch_names_the_floor(monkeypatch):
 # --- what is made once, and where -------------------------------------------------------------------------
 
 def test_rope_tables_are_cached_plain_tensors_usable_with_autograd():
-    from anyflow.rope import build_rope_rotations, rope_rotations
+    from anyflow.model.rope import build_rope_rotations, rope_rotations
 
     grid, device = (3, 4, 6), torch.device("cpu")
     with torch.inference_mode():
@@ -262,7 +264,7 @@ def test_the_memory_estimate_knows_the_gpus_kernels():
     """1.3B at 480p, 81 frames (32,760 tokens): on a GPU the feed-forward takes every token at once; bfloat16
     before Ampere holds the attention scores (12 heads x 32,760^2 x (2 + 2 + 4) bytes: about 96 GiB)."""
     from anyflow import AnyFlowConfig
-    from anyflow.memory import ForwardKernels, estimate_sampling_memory
+    from anyflow.runtime.memory import ForwardKernels, estimate_sampling_memory
 
     config = AnyFlowConfig.from_preset("anyflow-wan2.1-t2v-1.3b")
     shape, tokens = (1, 21, 16, 60, 104), 32_760
@@ -281,7 +283,7 @@ def test_the_memory_estimate_knows_the_gpus_kernels():
 def test_half_precision_kernels_count_as_native_only_at_the_avx512_dispatch_level(monkeypatch):
     """With ATen forced below AVX512 (ATEN_CPU_CAPABILITY=avx2 or default) torch's bfloat16 attention
     fails on AMX CPUs ("pack_vnni2 ..."): half precision is then computed in float32."""
-    from anyflow.linear import _cpu_has_native
+    from anyflow.model.layers import _cpu_has_native
 
     for capability in ("DEFAULT", "AVX2"):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)

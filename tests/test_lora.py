@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from anyflow import AnyFlowFARConfig, AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel
-from anyflow.cli import TINY_CHECKPOINT, main as anyflow_main
+from anyflow.cli import main as anyflow_main
+from anyflow.cli.demo import TINY_CHECKPOINT
 from weights_convert import CheckpointError, convert, convert_state_dict, export_state_dict, open_checkpoint
 from weights_convert.cli import main as convert_main
 from weights_convert.lora import describe, open_adapter, parse_lora_argument

@@ -14,7 +14,7 @@ from anyflow import (
     PRESETS, AnyFlowConfig, AnyFlowFARConfig, AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel, PreparedContext,
     parameter_shapes,
 )
-from anyflow.patchify import PatchEmbed, unpatchify
+from anyflow.model.embeddings import PatchEmbed, unpatchify
 
 from conftest import random_inputs, randomize_, small_config
 
@@ -234,23 +234,3 @@ def test_torch_compile_fullgraph_matches_eager(model, backend):
         assert (fast - eager).abs().max() <= 1e-5 * eager.abs().max()
         prepared = model.prepare_context(text)
         assert (compiled(latents, t, r, prepared).sample - eager).abs().max() <= 1e-5 * eager.abs().max()
-
-
-def test_the_converter_never_imports_the_model():
-    """One way down: the model's from_pretrained calls weights_convert, which imports only anyflow's
-    configs (the transformer's, the VAE's), parameter inventory and scaled float8 format (checked on the
-    source, so imports inside functions count too)."""
-    import ast
-    import pathlib
-
-    allowed = {"anyflow.config", "anyflow.vae.config", "anyflow.parameters", "anyflow.lazy", "anyflow.interrupts",
-               "anyflow.float8_format"}
-    package = pathlib.Path(__file__).resolve().parent.parent / "weights_convert"
-    used = {}
-    for path in package.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "anyflow":
-                used.setdefault(node.module, []).append(path.name)
-            elif isinstance(node, ast.Import):
-                used.update({a.name: [path.name] for a in node.names if a.name.split(".")[0] == "anyflow"})
-    assert set(used) <= allowed, {m: f for m, f in used.items() if m not in allowed}

@@ -17,13 +17,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from anyflow import AnyFlowFARConfig, AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel, sample, sample_far
-from anyflow.cli import TINY_CHECKPOINT, TINY_FAR_CHECKPOINT, main
-from anyflow.config import PRESETS
-from anyflow.memory import (
+from anyflow.cli import main
+from anyflow.cli.demo import TINY_CHECKPOINT, TINY_FAR_CHECKPOINT
+from anyflow.model.config import PRESETS
+from anyflow.runtime.memory import (
     estimate_device_memory, estimate_sampling_memory, fits_on_device, weight_bytes, with_block_offload,
 )
-from anyflow.offload import block_slots, check_offload, offload_blocks
-from anyflow.parameters import FLOAT8_NAME, is_fp32_island
+from anyflow.runtime.offload import block_slots, check_offload, offload_blocks
+from anyflow.model.parameters import FLOAT8_NAME, is_fp32_island
 from conftest import SMALL, random_inputs, randomize_, small_config
 
 # The offloaded model runs the same kernels on copies of the same values; only the copies' memory
@@ -230,7 +231,8 @@ def test_sample_offload_writes_the_plain_samplers_latents(tmp_path, embeddings, 
 
 
 def test_sample_offload_in_several_processes_is_refused(tmp_path, embeddings):
-    from anyflow.cli import build_parser, check_sample_run
+    from anyflow.cli import build_parser
+    from anyflow.cli.sample import check_sample_run
 
     args = build_parser().parse_args(["sample", "--model", TINY_CHECKPOINT, "--prompt-embeds", str(embeddings),
                                       "--offload", "--shard-weights", "--out", str(tmp_path / "o.safetensors")])

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from anyflow.cli import TINY_CHECKPOINT, TINY_FAR_CHECKPOINT
+from anyflow.cli.demo import TINY_CHECKPOINT, TINY_FAR_CHECKPOINT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from anyflow import AnyFlowTransformer3DModel, FP32_ISLANDS
-from anyflow.parameters import is_fp32_island
+from anyflow.model.parameters import is_fp32_island
 from weights_convert import rename_keys
 
 from conftest import oracle_and_ours, random_inputs, small_config

@@ -164,7 +164,7 @@ def generate_args(root, out, *extra):
 
 
 def read_back(path):
-    from anyflow.video_io import read_frames
+    from anyflow.pipeline.video_io import read_frames
 
     return read_frames(str(path))
 
@@ -204,7 +204,7 @@ def test_generate_png_frames_equal_the_pipelines_and_far_appends_chunks(snapshot
 
 
 def test_generate_an_image_to_video_starts_from_the_image_file(snapshots, tmp_path):
-    from anyflow.video_io import write_video
+    from anyflow.pipeline.video_io import write_video
 
     image = (np.random.default_rng(0).random((1, 64, 64, 3)) * 255).astype(np.uint8)
     write_video(str(tmp_path / "first.png"), image)
@@ -244,7 +244,7 @@ GENERATE_ERRORS = {
 
 @pytest.mark.parametrize("case", sorted(GENERATE_ERRORS))
 def test_generate_errors_are_one_line_before_loading_and_leave_nothing(snapshots, tmp_path, capsys, monkeypatch, case):
-    from anyflow.video_io import write_video
+    from anyflow.pipeline.video_io import write_video
 
     monkeypatch.setattr(VideoPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded before the checks"))
     write_video(str(tmp_path / "image.png"), np.zeros((1, 64, 64, 3), np.uint8))

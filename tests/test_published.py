@@ -213,7 +213,7 @@ def load_script(name: str):
 
 
 def test_make_tiny_checkpoint_writes_where_told_and_replaces_only_with_force(tmp_path):
-    from anyflow.cli import TINY_CHECKPOINT
+    from anyflow.cli.demo import TINY_CHECKPOINT
     from weights_convert.safetensors_io import read_header
 
     require_oracle("AnyFlowPipeline")

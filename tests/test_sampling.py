@@ -195,7 +195,7 @@ def test_a_last_step_from_zero_to_zero_is_skipped_and_not_counted(tiny_model):
 
 def test_each_sampler_refuses_the_other_model_kind_in_one_line(tiny_model):
     from anyflow import AnyFlowFARTransformer3DModel
-    from anyflow.cli import TINY_FAR_CHECKPOINT
+    from anyflow.cli.demo import TINY_FAR_CHECKPOINT
 
     far = AnyFlowFARTransformer3DModel.from_pretrained(TINY_FAR_CHECKPOINT)
     text = torch.zeros(1, 5, 4096)

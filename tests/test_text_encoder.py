@@ -23,8 +23,8 @@ from video_fixtures import (
     SENTENCES, TINY_UMT5, make_tiny_tokenizer, make_tiny_umt5, random_umt5_weights, save_umt5_folder, umt5_config_json,
 )
 
-from anyflow.prompts import TokenizerError, clean_prompt, encode_prompts, load_tokenizer
-from anyflow.text_encoder import (
+from anyflow.text.tokenizer import TokenizerError, clean_prompt, encode_prompts, load_tokenizer
+from anyflow.text.encoder import (
     UMT5_XXL, StreamingUMT5Encoder, UMT5Config, UMT5Encoder, offset_buckets, relative_position_buckets,
 )
 from weights_convert.safetensors_io import CheckpointError, TensorRecord
@@ -360,7 +360,7 @@ def test_clean_prompt_matches_diffusers():
 
 
 def test_clean_prompt_uses_ftfy_where_installed(monkeypatch):
-    import anyflow.prompts as prompts
+    import anyflow.text.tokenizer as prompts
 
     class FakeFtfy:
         @staticmethod
@@ -515,8 +515,8 @@ def test_sharded_folder_with_both_embedding_names(tmp_path):
 
 @pytest.mark.parametrize("key, value, message", [
     ("feed_forward_proj", "relu", "feed_forward_proj='relu' is not supported"),
-    ("model_type", "t5", "model_type='t5' is refused"),
-    ("is_decoder", True, "is_decoder=True is refused"),
+    ("model_type", "t5", 'model_type="t5" is refused'),
+    ("is_decoder", True, "is_decoder=true is refused"),
     ("num_heads", 0, "num_heads must be a positive integer"),
     ("relative_attention_max_distance", 2, "must exceed relative_attention_num_buckets // 4"),
 ])

@@ -414,7 +414,7 @@ def test_prepare_training_data_makes_a_folder_the_trainer_trains_on(tmp_path, ca
     from snapshot_fixtures import make_tiny_snapshot
 
     from anyflow.pipeline import VideoPipeline
-    from anyflow.video_io import write_video
+    from anyflow.pipeline.video_io import write_video
 
     snapshot = make_tiny_snapshot(tmp_path / "snapshot")
     videos = tmp_path / "videos"

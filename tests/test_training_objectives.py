@@ -25,8 +25,8 @@ import torch
 import authors_objectives as authors
 from anyflow import AnyFlowFARConfig, AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel
 from anyflow.training import FlowMapLoss, dmd_loss, fake_score_loss, flow_matching_loss, rollout
-from anyflow.training.flow_map import rescale_to_diffusion_mean
-from anyflow.training.timesteps import LossWeighting, draw_noise, sample_flow_map_timesteps
+from anyflow.training.objectives.flow_map import rescale_to_diffusion_mean
+from anyflow.training.objectives.timesteps import LossWeighting, draw_noise, sample_flow_map_timesteps
 from conftest import SMALL, randomize_, require_oracle, small_config
 from weights_convert import convert_state_dict
 
@@ -454,7 +454,7 @@ def test_far_rollout_gradients_match_a_finite_difference_with_the_caches_held():
     own moves only. So autograd's derivative equals a central difference of the same rollout with every chunk's
     cache held at what the unperturbed rollout made."""
     from anyflow.sampling import flow_map_sigmas
-    from anyflow.training.student_rollout import rollout_moves
+    from anyflow.training.objectives.student_rollout import rollout_moves
 
     model = float64_model(ours_only(seed=38, far=True, chunk_partition=(1, 2, 1), full_chunk_limit=2))
     _, text, _ = inputs(seed=39, batch=1)

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from anyflow.vae import WanVAE, WanVAEConfig
 from weights_convert.safetensors_io import CheckpointError
-from weights_convert.vae_checkpoint import read_vae_config
-from weights_convert.vae_names import rename, vae_names
+from anyflow.vae.checkpoint import read_vae_config
+from anyflow.vae.names import rename, vae_names
 
 from conftest import require_oracle
 from vae_fixtures import TINY_VAE, diffusers_vae_config, make_tiny_vae, random_vae_weights, write_wan_pth
@@ -254,8 +254,8 @@ def test_sharded_folder_and_snapshot_root_load(tmp_path, tiny_folder):
     assert torch.equal(sharded.decode(z), single.decode(z))
 
 
-def test_weights_convert_reads_vae_configs_without_the_model():
-    code = ("import sys, weights_convert.vae_names, weights_convert.vae_checkpoint; "
+def test_vae_configs_and_names_read_without_the_model():
+    code = ("import sys, anyflow.vae.names, anyflow.vae.checkpoint; "
             "assert 'torch' not in sys.modules, 'torch imported'; "
             "assert not any(m.startswith(('anyflow.vae.model', 'anyflow.vae.layers')) for m in sys.modules)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from anyflow.vae.config import WanVAEConfig
-from weights_convert.vae_names import rename, vae_names
+from anyflow.vae.names import rename, vae_names
 
 # Small enough for CPU, with the released structure (4 levels: 8x space, 4x time) and O(1) activations.
 TINY_VAE = dict(

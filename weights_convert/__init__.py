@@ -5,7 +5,7 @@
 Names are imported on first use, so the ``anyflow-convert`` help does not import torch.
 """
 
-from anyflow.lazy import lazy_exports
+from anyflow.lazy import lazy_exports, report_moved_modules
 
 _EXPORTS = {
     "KeyMismatchError": "state_dict",
@@ -21,3 +21,6 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+# The VAE's and the text encoder's files are read by their own packages (CHANGELOG.md).
+report_moved_modules({"weights_convert.vae_checkpoint": "anyflow.vae.checkpoint", "weights_convert.vae_names": "anyflow.vae.names",
+                      "weights_convert.text_encoder_names": "anyflow.text.names"})

@@ -49,7 +49,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.lora_skip_unknown and not args.lora:
         parser.error("--lora-skip-unknown: no --lora given")
-    from anyflow.interrupts import Interrupted, exit_now, run_interruptibly, signals_raise_interrupted
+    from anyflow.runtime.interrupts import Interrupted, exit_now, run_interruptibly, signals_raise_interrupted
 
     from .configs import describe_keys
     from .conversion import convert

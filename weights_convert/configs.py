@@ -25,9 +25,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Collection, Dict, List, Mapping, Optional, Tuple
 
-from anyflow.config import AnyFlowConfig, AnyFlowFARConfig
+from anyflow.model.config import AnyFlowConfig, AnyFlowFARConfig
 
 from .safetensors_io import CheckpointError
 
@@ -78,6 +78,36 @@ def describe_keys(keys: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(keys.items()))
 
 
+def sort_keys(raw: Mapping[str, Any], source: str, ours: Collection[str], constrained: Mapping[str, tuple] = {},
+              set_aside: Collection[str] = ()) -> Tuple[Dict[str, Any], Dict[str, Any], List[str]]:
+    """A ``config.json`` dict sorted: (the values of ``ours``, the keys set aside, the unknown keys).
+
+    Keys starting with ``_`` are the writer's bookkeeping and skipped. A key of ``constrained``
+    (key -> (the values under which the writer's class computes what this model computes, what another
+    value means)) is set aside when its value is one of them, and refused otherwise with a
+    :class:`CheckpointError` naming ``source``, the key and the value (as JSON, as config.json spells it).
+    The transformer's, the VAE's and the text encoder's configs are all read through it.
+    """
+    values: Dict[str, Any] = {}
+    aside: Dict[str, Any] = {}
+    unknown: List[str] = []
+    for key, value in raw.items():
+        if key.startswith("_"):
+            continue
+        if key in ours:
+            values[key] = value
+        elif key in constrained:
+            allowed, meaning = constrained[key]
+            if not any(type(value) is type(a) and value == a for a in allowed):
+                raise CheckpointError(f"{source}: {key}={json.dumps(value)} is refused: {meaning}")
+            aside[key] = value
+        elif key in set_aside:
+            aside[key] = value
+        else:
+            unknown.append(key)
+    return values, aside, unknown
+
+
 def read_config(raw: Mapping[str, Any], source: str, far_weights: bool = False) -> ConfigReading:
     """Read a diffusers-style config dict written by any of the supported classes (see the module
     docstring) into an :class:`AnyFlowConfig`, or an :class:`AnyFlowFARConfig` where it describes
@@ -92,26 +122,11 @@ def read_config(raw: Mapping[str, Any], source: str, far_weights: bool = False) 
     far = describes_far(raw)
     far = far_weights if far is None else far
     config_class = AnyFlowFARConfig if far else AnyFlowConfig
-    our_keys = {f.name for f in dataclasses.fields(config_class)}
-    ours: Dict[str, Any] = dict(CLASS_DEFAULTS.get(class_name, {}))
-    set_aside: Dict[str, Any] = {}
-    unknown = []
-    for key, value in raw.items():
-        if key.startswith("_"):
-            continue
-        if key in our_keys and not (far and value is None and key in FAR_ONLY_KEYS):
-            ours[key] = value
-        elif key == FAR_SWITCH:
-            set_aside[key] = value
-        elif key in CONSTRAINED_KEYS:
-            allowed, meaning = CONSTRAINED_KEYS[key]
-            if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):
-                raise CheckpointError(f"{source}: {key}={json.dumps(value)} is refused: {meaning}")
-            set_aside[key] = value
-        elif key in FAR_ONLY_KEYS:
-            set_aside[key] = value
-        else:
-            unknown.append(key)
+    # a FAR setting left null in a FAR model's config means the default; in a bidirectional one it changes nothing
+    ours = {f.name for f in dataclasses.fields(config_class)
+            if not (far and f.name in FAR_ONLY_KEYS and raw.get(f.name, 0) is None)}
+    values, set_aside, unknown = sort_keys(raw, source, ours, CONSTRAINED_KEYS, (FAR_SWITCH, *FAR_ONLY_KEYS))
+    ours = {**CLASS_DEFAULTS.get(class_name, {}), **values}
     if unknown:
         raise CheckpointError(
             f"{source}: unknown config keys {sorted(unknown)}: not written by diffusers' AnyFlow, AnyFlow FAR or "

@@ -12,8 +12,8 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, TextIO, Tuple, Union
 
-from anyflow.config import AnyFlowConfig, AnyFlowFARConfig
-from anyflow.parameters import DTYPE_NAMES, SCALE_SUFFIX, is_fp32_island
+from anyflow.model.config import AnyFlowConfig, AnyFlowFARConfig
+from anyflow.model.parameters import DTYPE_NAMES, SCALE_SUFFIX, is_fp32_island
 
 from .lora import LoraArguments, MergedTensor, apply_adapters, normalize_lora
 from .pt_files import InMemoryTensor

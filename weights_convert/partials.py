@@ -7,7 +7,7 @@ when complete. The names let three things happen that plain temporary names woul
   the same host (its process is gone) and removed, while one of a live process, or of another
   host sharing the folder, is left alone;
 - the partials this process made are registered, so that a command abandoning a worker stuck in
-  native code (see :func:`anyflow.interrupts.run_interruptibly`) can remove them before it exits;
+  native code (see :func:`anyflow.runtime.interrupts.run_interruptibly`) can remove them before it exits;
 - a user who finds one knows what made it.
 """
 

@@ -3,7 +3,7 @@
 Layout (anyflow layout, our names): each weight of :data:`anyflow.parameters.FLOAT8_LINEARS`,
 ``blocks.N.<linear>.weight`` (out, in), is stored as ``F8_E4M3`` and its scales beside it as
 ``blocks.N.<linear>.weight_scale`` (out,) ``F32``, the weight being their product row by row
-(:mod:`anyflow.fp8`); every other tensor as in any checkpoint (the converter writes them in
+(:mod:`anyflow.runtime.fp8`); every other tensor as in any checkpoint (the converter writes them in
 bfloat16, the fp32 islands in float32).
 
 Opened, each pair is one lazy tensor under the weight's name (:class:`ScaledFloat8Tensor`) that
@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple
 
-from anyflow.parameters import FLOAT8_NAME, SCALE_SUFFIX, is_float8_weight
+from anyflow.model.parameters import FLOAT8_NAME, SCALE_SUFFIX, is_float8_weight
 
 from .lora import MergedTensor
 from .safetensors_io import CheckpointError, TensorRecord
@@ -55,7 +55,7 @@ class ScaledFloat8Tensor:
         return self.read_rows(0, self.shape[0])
 
     def read_rows(self, start: int, stop: int) -> "torch.Tensor":
-        from anyflow.float8_format import dequantise
+        from anyflow.runtime.fp8 import dequantise
 
         return dequantise(self.values.read_rows(start, stop), self.scale.read_rows(start, stop))
 
@@ -123,7 +123,7 @@ def fold_scales(tensors: Mapping[str, object], where: str) -> Dict[str, object]:
 
 
 def _quantised(name: str, tensor: "torch.Tensor"):
-    from anyflow.float8_format import quantise
+    from anyflow.runtime.fp8 import quantise
 
     try:
         return quantise(tensor)

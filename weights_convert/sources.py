@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
-from anyflow.config import PRESETS, AnyFlowConfig, AnyFlowFARConfig
-from anyflow.parameters import parameter_shapes
+from anyflow.model.config import PRESETS, AnyFlowConfig, AnyFlowFARConfig
+from anyflow.model.parameters import parameter_shapes
 
 from .configs import ConfigReading, read_config
 from .lora import AdapterFileError, MergedTensor, fold_wrapped_checkpoint, looks_like_adapter, looks_like_wrapped_checkpoint

@@ -2,11 +2,9 @@
 
     from anyflow.training import FlowMapLoss, flow_matching_loss, rollout, dmd_loss, fake_score_loss
 
-- stage 0, the teacher: :func:`flow_matching_loss` (:mod:`.flow_map`);
-- stage 1, the student's forward flow-map objective: :class:`FlowMapLoss` (:mod:`.flow_map`);
-- stage 2, on-policy: :func:`rollout` (:mod:`.student_rollout`), :func:`dmd_loss` and :func:`fake_score_loss`
-  (:mod:`.distribution_matching`);
-- the draws, noise and weights they share: :mod:`.timesteps`; how they call a model: :mod:`.velocity`;
+- the objectives (:mod:`.objectives`): stage 0, the teacher: :func:`flow_matching_loss`; stage 1, the
+  student's forward flow-map objective: :class:`FlowMapLoss`; stage 2, on-policy: :func:`rollout`,
+  :func:`dmd_loss` and :func:`fake_score_loss`;
 - around them, a small trainer: LoRA injection and the PEFT-format adapter (:mod:`.lora`), the data
   folder of precomputed latents and embeddings (:mod:`.data`), the TOML config (:mod:`.config`), the
   loop (:mod:`.trainer`; ``anyflow train CONFIG``).
@@ -17,11 +15,11 @@ Names are imported on first use, so importing the package stays cheap.
 from ..lazy import lazy_exports
 
 _EXPORTS = {
-    "FlowMapLoss": "flow_map",
-    "flow_matching_loss": "flow_map",
-    "rollout": "student_rollout",
-    "dmd_loss": "distribution_matching",
-    "fake_score_loss": "distribution_matching",
+    "FlowMapLoss": "objectives.flow_map",
+    "flow_matching_loss": "objectives.flow_map",
+    "rollout": "objectives.student_rollout",
+    "dmd_loss": "objectives.distribution_matching",
+    "fake_score_loss": "objectives.distribution_matching",
     "Trainer": "trainer",
     "load_config": "config",
     "TrainingConfig": "config",

@@ -341,7 +341,7 @@ def _check_values(config: TrainingConfig, source: str) -> None:
              f"{models.text_encoder_cfg.fuse_guidance_scale}")
     if not models.scheduler_cfg.shift > 0:
         fail("models.scheduler_cfg.shift", f"must be positive, got {models.scheduler_cfg.shift}")
-    from .timesteps import WEIGHTINGS
+    from .objectives.timesteps import WEIGHTINGS
 
     if models.scheduler_cfg.weight_type not in WEIGHTINGS:
         fail("models.scheduler_cfg.weight_type", f"must be one of {', '.join(repr(w) for w in WEIGHTINGS)}, got "

@@ -30,7 +30,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..linear import Linear, linear
+from ..model.layers import Linear, linear
 
 
 class LoRALinear(Linear):

@@ -37,7 +37,7 @@ rounding), and a resumed run draws what the uninterrupted one would have.
 takes ``batch_size_per_gpu`` samples of the global batch; the models' blocks are sharded with
 FSDP2 by :func:`anyflow.parallel.parallelize` (weights only), so gradients are averaged over the
 processes as they are made. The stage-1 rescale averages over the global batch
-(:func:`~anyflow.training.flow_map.rescale_to_diffusion_mean`).
+(:func:`~anyflow.training.objectives.flow_map.rescale_to_diffusion_mean`).
 
 **Checkpoints** (every ``save_checkpoint_freq`` iterations) hold what changes: the trained
 parameters (each process its own shards), the optimizers' state, the EMA, the iteration, the
@@ -65,17 +65,18 @@ import struct
 import time
 import zlib
 from contextlib import nullcontext
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..runtime.processes import Processes
 from .config import ModelOptions, TrainingConfig
 from .data import BatchSchedule, LatentDataset
 from .lora import inject_lora, merged_state_dict, save_lora_adapter, train_only_lora
-from .velocity import is_far
+from .objectives.velocity import is_far
 
 LOG_FILE, CURVE_FILE, CHECKPOINTS = "train_log.jsonl", "loss.png", "checkpoints"
 
@@ -172,9 +173,11 @@ class Trainer:
     """Builds a run from a checked :class:`~anyflow.training.config.TrainingConfig` (resuming when
     ``output_dir`` holds a checkpoint) and trains it with :meth:`train`; ``say`` prints rank 0's lines."""
 
-    def __init__(self, config: TrainingConfig, say: Callable[[str], None] = print):
+    def __init__(self, config: TrainingConfig, say: Callable[[str], None] = print, processes: Optional[Processes] = None):
         self.config = config
-        self.world, self.rank, self.mesh, self.device = _processes(config.device)
+        if processes is None:  # one process, or the ranks torchrun started (the caller tears the group down)
+            processes = Processes(None if config.device == "auto" else config.device)
+        self.world, self.rank, self.mesh, self.device = processes.count, processes.rank, processes.mesh, processes.device
         self.say = say if self.rank == 0 else (lambda message: None)
         self.out = config.path.output_dir
         self.step, self.batches = 0, 0  # iterations done, batches drawn
@@ -229,7 +232,7 @@ class Trainer:
     def _distribute(self, model: nn.Module) -> nn.Module:
         if self.world == 1:
             return model
-        from ..parallel import parallelize
+        from ..runtime.parallel import parallelize
 
         return parallelize(model, self.mesh, shard_weights=True, sequence_parallel=False)
 
@@ -290,7 +293,7 @@ class Trainer:
     def _onpolicy_step(self) -> Dict[str, float]:
         """Stage 2: the generator's update (every ``discriminator_update_ratio``-th iteration), then the fake score's."""
         from . import dmd_loss, fake_score_loss, rollout
-        from .timesteps import sample_logit_normal_timesteps, sample_uniform_timesteps
+        from .objectives.timesteps import sample_logit_normal_timesteps, sample_uniform_timesteps
 
         models, record = self.config.models, {}
         dmd, shift = models.dmd_cfg, models.scheduler_cfg.shift
@@ -333,7 +336,7 @@ class Trainer:
 
     def _teacher_loss(self, latents: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         from . import flow_matching_loss
-        from .timesteps import sample_logit_normal_timesteps
+        from .objectives.timesteps import sample_logit_normal_timesteps
 
         shift = self.config.models.scheduler_cfg.shift
         noise = self._draw_noise(latents)
@@ -344,7 +347,7 @@ class Trainer:
 
     def _flow_map_loss(self, latents: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Stage 1's loss on a batch, with this process's rows of the global batch's draws."""
-        from .timesteps import sample_flow_map_timesteps
+        from .objectives.timesteps import sample_flow_map_timesteps
 
         flowmap, partition = self.config.models.flowmap_cfg, None
         noised = latents
@@ -545,34 +548,12 @@ class Trainer:
 
 # ---- helpers ---------------------------------------------------------------------------------------
 
-def _processes(device_option: str):
-    """(processes, rank, mesh, device): one process, or the ranks ``torchrun`` started (the group made here)."""
-    from ..devices import resolve_device
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device_option == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = resolve_device(device_option)
-    if world == 1:
-        return 1, 0, None, device
-    from torch.distributed.device_mesh import init_device_mesh
-
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return world, dist.get_rank(), init_device_mesh(device.type, (world,)), device
-
-
 def _load(options: ModelOptions, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The model a config section names (bidirectional or FAR, from its config), adapters merged in."""
     from weights_convert.sources import open_checkpoint
 
-    from ..config import AnyFlowFARConfig
-    from ..far import AnyFlowFARTransformer3DModel
-    from ..model import AnyFlowTransformer3DModel
+    from ..model.config import AnyFlowFARConfig
+    from ..pretrained import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel
 
     far = isinstance(open_checkpoint(options.model_name).config, AnyFlowFARConfig)
     model_class = AnyFlowFARTransformer3DModel if far else AnyFlowTransformer3DModel

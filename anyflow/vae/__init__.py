@@ -9,8 +9,9 @@ whole or streamed chunk by chunk.
     frames = stream.push(latents[:, :, :1])     # the first frame, then 4 per latent frame pushed
 
 Modules: ``config`` (no torch), ``cache`` (frame-by-frame causal state), ``ops`` (how the
-primitives are computed), ``layers``, ``model``, ``stream``, ``tiling``. Names are imported on
-first use, so ``weights_convert`` can read the config without importing torch.
+primitives are computed), ``layers``, ``model``, ``stream``, ``tiling``; ``names`` (diffusers' and Wan's
+parameter names against ours, no torch) and ``checkpoint`` (the VAE checkpoints users hold, read and
+checked). Names are imported on first use.
 """
 
 from ..lazy import lazy_exports

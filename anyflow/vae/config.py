@@ -98,7 +98,7 @@ class WanVAEConfig:
     def from_dict(cls, config: Mapping[str, Any]) -> "WanVAEConfig":
         """A config from a dict of this class's fields (keys starting with ``_`` ignored, any other unknown
         key refused by name). A diffusers ``vae/config.json``, with the keys this model sets aside or
-        refuses, is read by ``weights_convert.vae_checkpoint.read_vae_config``."""
+        refuses, is read by ``anyflow.vae.checkpoint.read_vae_config``."""
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
         unknown = sorted(set(kwargs) - known)

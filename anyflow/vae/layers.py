@@ -1,7 +1,7 @@
 """The Wan VAE's layers, each taking one frame (B, C, H, W) and the video's :class:`TemporalCache`.
 
 Parameters keep the shapes of the checkpoints (Conv3d weights (C_out, C_in, kt, kh, kw), norm
-scales (C, 1, 1, 1)), so loading is renaming only (``weights_convert/vae_names.py``).
+scales (C, 1, 1, 1)), so loading is renaming only (``anyflow/vae/names.py``).
 """
 
 from __future__ import annotations

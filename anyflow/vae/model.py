@@ -15,7 +15,7 @@ from typing import Iterator, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..devices import resolve_device
+from ..runtime.devices import resolve_device
 from .cache import TemporalCache, run_frames
 from .config import WanVAEConfig
 from .layers import AttentionBlock, CausalConv3d, Downsample, Head, ResidualBlock, Upsample
@@ -125,7 +125,7 @@ class WanVAE(nn.Module):
         mapped, not read: weights that are never used (the encoder, when only decoding) are never
         read from disk.
         """
-        from weights_convert.vae_checkpoint import load_vae_checkpoint
+        from .checkpoint import load_vae_checkpoint
 
         device = resolve_device(device)
         config, state_dict = load_vae_checkpoint(path, dtype=dtype, device=device, config=config)

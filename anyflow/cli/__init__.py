@@ -1,0 +1,63 @@
+"""The ``anyflow`` command: ``demo``, ``sample``, ``generate``, ``train``, ``inspect``, one module each.
+
+Only argument parsing happens at start-up (``anyflow --help`` does not import torch); each command
+imports what it needs when it runs. This package is the top of the import graph: it uses the
+library and the converter, and nothing of the library imports it. What the commands share is in
+:mod:`.common`; ``anyflow-convert`` is :mod:`weights_convert.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from .. import __version__
+from ..runtime.interrupts import Interrupted, exit_now, run_interruptibly, signals_raise_interrupted
+from . import demo, generate, inspect, sample, train
+
+COMMANDS = (demo, sample, generate, train, inspect)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``anyflow`` parser, every command's options included."""
+    parser = argparse.ArgumentParser(prog="anyflow", description="AnyFlow video flow-map transformer tools.")
+    parser.add_argument("--version", action="version", version=f"anyflow {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        command.add_command(commands)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    code = run_command(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun, end without the interpreter's teardown: a C++ thread of torch's distributed layer
+        # can still be running when it destroys its static objects, and the process then aborts (SIGABRT,
+        # "terminate called without an active exception") after its work is done, which torchrun reports
+        # as a failure (a 2-rank gloo stand-in under load: 14 of 30 launches failed so; 0 of 30 with this exit).
+        exit_now(code)
+    return code
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command: its exit code, one line on stderr for an error or an interrupt."""
+    from weights_convert.partials import remove_registered
+
+    try:
+        with signals_raise_interrupted():
+            return run_interruptibly(lambda: args.run(args), cleanup=remove_registered)
+    except (ValueError, OSError) as exc:  # CheckpointError and KeyMismatchError are ValueErrors
+        print(f"anyflow {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except Interrupted as stop:
+        print(f"anyflow {args.command}: interrupted ({stop}); nothing was written", file=sys.stderr)
+        if stop.abandoned:
+            exit_now(stop.exit_code)
+        return stop.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

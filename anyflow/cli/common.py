@@ -1,0 +1,182 @@
+"""What the ``anyflow`` commands share: file keys and help texts, argument types, output files claimed early
+and removed on failure, the sampling checks and estimates of ``sample`` and ``generate``, progress lines."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from typing import List, Optional
+
+from ..model.config import TRAIN_TIMESTEPS
+from ..model.parameters import DTYPE_NAMES, FLOAT8_NAME
+
+PROMPT_KEY = "prompt_embeds"
+NEGATIVE_KEY = "negative_prompt_embeds"
+LATENTS_KEY = "latents"
+CLI_NAMES = ("--frames", "--height", "--width")
+DTYPE_CHOICES = ("auto",) + DTYPE_NAMES
+OFFLOAD_HELP = ("keep the DiT blocks' weights in host memory (pinned) and copy each to the GPU just before it "
+                "runs, the next one meanwhile: about two blocks on the GPU instead of all (14B: about 1.3 GiB instead "
+                "of 26 GiB in bf16), for a little time per step; one process only; on the CPU it saves nothing")
+PIXEL_RULE = ("a multiple of 16 (8 x the patch 2) for the bidirectional models, of 32 (8 x the compressed patch 4) "
+              "for the FAR ones; the checkpoint's own patches decide and are checked before it loads")
+STEPS_HELP = f"number of steps, 1 to {TRAIN_TIMESTEPS} (the models' timestep grid; default 4)"
+WEIGHT_DTYPE_HELP = ("hold the blocks' linear weights in float8 e4m3 with a float32 scale per row (half the bytes of "
+                     "bfloat16; they compute in --dtype; docs/FP8.md); default: the checkpoint's (--dtype, or float8 "
+                     "for a checkpoint written by anyflow-convert --dtype float8_e4m3fn)")
+
+
+def seed_number(text: str) -> int:
+    """``--seed``: an integer that a torch generator takes (0 to 2^64 - 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"{text} is outside 0 to 2^64 - 1 (18446744073709551615)")
+    return value
+
+
+def format_count(n: float) -> str:
+    """A count in engineering-style scientific notation: 1.42e9, 4.44e5, 12."""
+    if n < 1000:
+        return f"{n:g}"
+    exponent = int(math.floor(math.log10(n)))
+    mantissa = round(n / 10**exponent, 2)
+    if mantissa >= 10:  # 9.996e5 rounds to 10.00
+        mantissa, exponent = mantissa / 10, exponent + 1
+    return f"{mantissa:.2f}e{exponent}"
+
+
+def same_file(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def inside(path: str, folder: str) -> bool:
+    folder = os.path.realpath(folder).rstrip(os.sep) + os.sep
+    return os.path.realpath(path).startswith(folder)
+
+
+def check_output_path(out: str, force: bool, inputs: List[tuple]) -> None:
+    """Refuse an --out that is a folder, lies in no folder, exists (without --force) or is an input.
+
+    ``inputs`` are (argument, path) pairs; a folder input (a checkpoint folder) protects all it holds.
+    """
+    for argument, path in inputs:
+        if path and same_file(out, path):
+            raise ValueError(f"--out {out}: is the input {argument} {path}; --force never replaces an input")
+        if path and os.path.isdir(path) and inside(out, path):
+            raise ValueError(f"--out {out}: is inside the input {argument} {path}; --force never replaces an input")
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out}: is a folder; give a file name, for example {os.path.join(out, 'latents.safetensors')}")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {out}: the folder {parent} does not exist")
+    if os.path.lexists(out) and not force:
+        raise ValueError(f"--out {out}: already exists; pass --force to replace it")
+
+
+CLI_NAMES = ("--frames", "--height", "--width")
+
+
+def estimate_sampling_run(args: argparse.Namespace, checkpoint, noise_shape: tuple, text_tokens: int,
+                          partition: Optional[tuple], guided: bool, device, dtype):
+    """The memory a ``sample`` or ``generate`` run's sampling needs (a :class:`anyflow.memory.MemoryEstimate`), from
+    the opened ``checkpoint``'s headers and the arguments: the weights as loaded (``--weight-dtype``), the
+    device's kernels, the FAR cache, and ``--offload``."""
+    import torch
+
+    from ..model.config import AnyFlowFARConfig
+    from ..runtime.memory import (
+        ForwardKernels, estimate_far_sampling_memory, estimate_sampling_memory, weight_bytes, with_block_offload,
+    )
+    from weights_convert.conversion import loaded_nbytes
+    from weights_convert.scaled_fp8 import stored_as_float8
+
+    config = checkpoint.config
+    element_size = torch.empty(0, dtype=dtype).element_size()
+    weights = loaded_nbytes(checkpoint, dtype, args.weight_dtype)
+    kernels = ForwardKernels.on(device, dtype)
+    if isinstance(config, AnyFlowFARConfig):
+        estimate = estimate_far_sampling_memory(config, weights, noise_shape, text_tokens, element_size, partition,
+                                                kernels)
+    else:
+        estimate = estimate_sampling_memory(config, weights, noise_shape, text_tokens, element_size, guided, kernels)
+    if not args.offload:
+        return estimate
+    # the blocks as loaded: float8 when asked for, or when the checkpoint holds (folded) float8 pairs
+    stored = any(stored_as_float8(t) for t in checkpoint.tensors.values())
+    float8 = args.weight_dtype or (FLOAT8_NAME if stored else None)
+    return with_block_offload(estimate, weight_bytes(config, element_size, float8), host_is_device=device.type == "cpu")
+
+
+def check_chunks(args: argparse.Namespace, config, frames: int) -> Optional[tuple]:
+    """--chunk-partition and --guidance-scale against the model: a FAR model's chunks (checked to sum to the
+    latent frames) and no guidance; no chunks for a bidirectional one. None for a bidirectional model."""
+    from ..model.config import AnyFlowFARConfig, check_chunk_partition
+
+    if not isinstance(config, AnyFlowFARConfig):
+        if args.chunk_partition:
+            raise ValueError(f"--chunk-partition: {args.model} is a bidirectional checkpoint, which has no chunks")
+        return None
+    if args.guidance_scale > 1:
+        raise ValueError(f"--guidance-scale {args.guidance_scale}: the FAR sampler runs without guidance "
+                         "(the released FAR weights have it built in)")
+    try:
+        return check_chunk_partition(args.chunk_partition or config.chunk_partition, frames, "--chunk-partition")
+    except ValueError as exc:
+        raise ValueError(f"{exc} (--frames {args.frames}); give a --chunk-partition that sums to {frames}") from None
+
+
+class ClaimedOutput:
+    """The output file, claimed before the expensive part: a hidden partial file in the target folder
+    (which proves it writable), renamed onto the target when complete and removed otherwise. Partial
+    files that dead processes left for the same target are removed first."""
+
+    def __init__(self, out: str):
+        from weights_convert.partials import partial_path, remove_stale
+
+        self.out = out
+        try:
+            remove_stale(out)
+            self.partial = partial_path(out)
+            os.close(os.open(self.partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except OSError as exc:
+            raise ValueError(f"--out {out}: cannot write in {os.path.dirname(os.path.abspath(out))}: "
+                             f"{exc.strerror}") from None
+
+    def __enter__(self) -> "ClaimedOutput":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from weights_convert.partials import discard
+
+        discard(self.partial)
+
+    def commit(self, tensors, metadata) -> None:
+        from weights_convert.safetensors_io import write_file
+
+        write_file(self.partial, tensors, metadata)
+        self.finish()
+
+    def finish(self) -> None:
+        """The partial file, complete, renamed onto the target."""
+        os.replace(self.partial, self.out)
+
+
+class Progress:
+    """One line per step: which, the timesteps, its seconds, elapsed and an estimate of what is left."""
+
+    def __init__(self, total: int, say=print):
+        self.total, self.done, self.say = total, 0, say
+        self.started = self.last = time.perf_counter()
+
+    def step(self, where: str, t: float, r: float) -> None:
+        now = time.perf_counter()
+        self.done += 1
+        left = (now - self.started) / self.done * (self.total - self.done)
+        self.say(f"  {where + ': ' if where else ''}step {self.done}/{self.total}: t = {t:7.2f} -> r = {r:7.2f}  "
+                 f"{now - self.last:.2f} s  (elapsed {now - self.started:.1f} s, about {left:.1f} s left)")
+        self.last = now

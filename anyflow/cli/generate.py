@@ -1,0 +1,250 @@
+"""``anyflow generate``: a prompt (and optionally an image or a clip) to a video file, from a snapshot.
+
+Every argument is checked before anything loads (the video extra installed, the output paths, the
+snapshot's components, the sizes against the transformer's patches, the schedule, the image or
+clip, LoRA adapters), the memory of every stage (text encoder, sampling, decoding) is estimated
+against what is free and the compute stated; then the pipeline runs with one line per stage and
+step. The video is written under a hidden partial name and renamed when complete; a FAR snapshot
+appends frames to it as chunks finish. An error or Ctrl-C prints one line and leaves nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import time
+from dataclasses import replace
+from itertools import accumulate
+
+from ..model.parameters import FLOAT8_NAME
+from ..runtime.video_shape import check_grid, latent_shape
+from .common import (
+    CLI_NAMES, DTYPE_CHOICES, LATENTS_KEY, OFFLOAD_HELP, PIXEL_RULE, STEPS_HELP, WEIGHT_DTYPE_HELP, ClaimedOutput,
+    Progress, check_chunks, check_output_path, estimate_sampling_run, format_count, seed_number,
+)
+
+VIDEO_EXTENSIONS = (".mp4", ".gif", ".png", ".webp")
+TEXT_TOKENS = 512  # the pipelines pad every prompt to 512 tokens
+EXTRA = 'pip install -e ".[video]" (or: pip install tokenizers av)'
+
+
+def add_command(commands) -> None:
+    """The ``generate`` subcommand and its options."""
+    generate = commands.add_parser(
+        "generate", help="a prompt (and optionally an image or a clip) to a video file",
+        description="Generate a video from a prompt with a pipeline snapshot as published (model_index.json, "
+        "tokenizer/, text_encoder/, transformer/, vae/): UMT5 text encoder, AnyFlow transformer (or AnyFlow FAR, "
+        f"chunk by chunk), Wan VAE, in PyTorch alone. Needs the video extra: {EXTRA}. Every argument is checked, and "
+        "the memory of every stage estimated, before anything loads.",
+    )
+    generate.add_argument("--model", required=True, metavar="SNAPSHOT", help="pipeline snapshot folder")
+    generate.add_argument("--prompt", required=True, help="the text prompt")
+    generate.add_argument("--negative-prompt", help="negative prompt (with --guidance-scale > 1)")
+    generate.add_argument("--image", metavar="FILE", help="start the video with this image (its size must be "
+                          "--width x --height): image-to-video")
+    generate.add_argument("--video", metavar="FILE", help="start the video with the first 4k + 1 frames of this clip "
+                          "(its size must be --width x --height): video continuation")
+    generate.add_argument("--frames", type=int, default=81, help="video frames, 4k + 1 (default 81)")
+    generate.add_argument("--height", type=int, default=480, help=f"pixels (default 480): {PIXEL_RULE}")
+    generate.add_argument("--width", type=int, default=832, help=f"pixels (default 832): {PIXEL_RULE}")
+    generate.add_argument("--steps", type=int, default=4, help=STEPS_HELP)
+    generate.add_argument("--shift", type=float, help="schedule shift (default: the snapshot's scheduler, 5)")
+    generate.add_argument("--sigmas", type=float, nargs="+", metavar="SIGMA",
+                          help="custom strictly decreasing base noise levels in [0, 1]; they replace --steps")
+    generate.add_argument("--guidance-scale", type=float, default=1.0,
+                          help="classifier-free guidance (default 1: off; the released weights need none)")
+    generate.add_argument("--chunk-partition", type=int, nargs="+", metavar="N",
+                          help="FAR snapshots: latent frames of each chunk (default the checkpoint's)")
+    generate.add_argument("--seed", type=seed_number, default=0, help="seed of the initial noise, as anyflow sample's")
+    generate.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                          help="transformer and text encoder dtype; auto = float32 on CPU, bfloat16 on CUDA "
+                          "(float16 on GPUs before Ampere, which have no bfloat16 units) "
+                          "(the VAE runs in float32)")
+    generate.add_argument("--weight-dtype", choices=(FLOAT8_NAME,), default=None,
+                          help=f"the transformer's: {WEIGHT_DTYPE_HELP}")
+    generate.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    generate.add_argument("--compile", action="store_true",
+                          help="compile the transformer's DiT blocks with torch.compile (the first step takes longer)")
+    generate.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                          help="merge a LoRA adapter into the transformer when it loads; repeatable")
+    generate.add_argument("--offload", action="store_const", const="blocks", default=None,
+                          help=f"block offload of the transformer: {OFFLOAD_HELP}")
+    generate.add_argument("--fps", type=float, default=16.0, help="frames per second of the file (default 16, Wan's)")
+    generate.add_argument("--out", required=True, metavar="FILE",
+                          help=f"the video: {', '.join(VIDEO_EXTENSIONS)} (H.264 mp4, GIF, animated PNG, animated WebP)")
+    generate.add_argument("--save-latents", metavar="FILE", help="also write the latents (diffusers layout) to this "
+                          ".safetensors file")
+    generate.add_argument("--max-hours", type=float, default=12.0, metavar="HOURS",
+                          help="refuse a run whose estimated sampling time is longer (default 12; 0: no limit)")
+    generate.add_argument("--force", action="store_true", help="replace existing output files (never an input)")
+    generate.set_defaults(run=run_generate)
+
+
+def check_video_extra() -> None:
+    """The libraries ``generate`` needs beyond torch, or one line saying how to install them."""
+    import importlib.util
+
+    missing = [name for name, module in (("tokenizers", "tokenizers"), ("av", "av")) if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ValueError(f"anyflow generate needs {' and '.join(missing)}: {EXTRA}")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import math
+
+    import torch
+
+    from ..model.config import AnyFlowFARConfig
+    from ..pipeline.snapshot import check_components, component_sizes, read_snapshot
+    from ..pipeline.video_io import VideoWriter, to_uint8, video_format
+    from ..pipeline.video_pipeline import VideoPipeline
+    from ..runtime.compute import duration, estimate_far_sampling_compute, estimate_sampling_compute, measure_matmul_rate
+    from ..runtime.devices import dtype_warning, resolve_device, resolve_dtype
+    from ..runtime.memory import available_memory, estimate_generation_memory, gib
+    from ..sampling.schedule import flow_map_sigmas, steps_to_run
+    from weights_convert.lora import apply_adapters, parse_lora_argument
+    from weights_convert.sources import open_checkpoint
+
+    # ---- every check before anything loads ------------------------------------------------------
+    check_video_extra()
+    adapters = [parse_lora_argument(text) for text in args.lora]
+    if os.path.splitext(args.out)[1].lower() not in VIDEO_EXTENSIONS:
+        raise ValueError(f"--out {args.out}: a video file ends in one of {', '.join(VIDEO_EXTENSIONS)}")
+    video_format(args.out)
+    inputs = [("--model", args.model), ("--image", args.image), ("--video", args.video)]
+    inputs += [("--lora", path) for path, _ in adapters]
+    check_output_path(args.out, args.force, inputs)
+    if args.save_latents:
+        if not args.save_latents.endswith(".safetensors"):
+            raise ValueError(f"--save-latents {args.save_latents}: latents are written as a .safetensors file")
+        check_output_path(args.save_latents, args.force, inputs + [("--out", args.out)])
+    frames, h, w = latent_shape(args.frames, args.height, args.width, CLI_NAMES)
+    for name, value in (("--guidance-scale", args.guidance_scale), ("--fps", args.fps)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+    if args.fps <= 0:
+        raise ValueError(f"--fps must be positive, got {args.fps}")
+    if args.shift is not None and not (math.isfinite(args.shift) and args.shift > 0):
+        raise ValueError(f"--shift must be a positive finite number, got {args.shift}")
+    if not (math.isfinite(args.max_hours) and args.max_hours >= 0):
+        raise ValueError(f"--max-hours must be a number of hours >= 0 (0: no limit), got {args.max_hours}")
+    if args.image and args.video:
+        raise ValueError("--image and --video: give one of them")
+    if args.guidance_scale > 1 and args.negative_prompt is None:
+        raise ValueError(f"--guidance-scale {args.guidance_scale} needs --negative-prompt")
+    snapshot = read_snapshot(args.model)
+    check_components(snapshot)
+    shift = snapshot.shift if args.shift is None else args.shift
+    try:
+        schedule = flow_map_sigmas(args.steps, shift, args.sigmas)
+    except ValueError as exc:
+        raise ValueError(f"{'--sigmas' if args.sigmas else '--steps'}: {exc}") from None
+    device = resolve_device(args.device, "--device")
+    dtype = resolve_dtype(args.dtype, DTYPE_CHOICES, argument="--dtype", device=device)
+    if dtype_warning(device, dtype):
+        print(dtype_warning(device, dtype), flush=True)
+    transformer = open_checkpoint(snapshot.folder("transformer"))  # headers only
+    try:
+        apply_adapters(transformer.tensors, adapters, False)
+    except ValueError as exc:
+        raise ValueError(f"--lora: {exc}") from None
+    config = transformer.config
+    check_grid(config, args.frames, args.height, args.width, CLI_NAMES)
+    far = isinstance(config, AnyFlowFARConfig)
+    given = None
+    for argument, path in (("--image", args.image), ("--video", args.video)):
+        if path:
+            given = read_given_frames(argument, path, args.height, args.width, single=argument == "--image")
+    call = dict(negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height, width=args.width,
+                num_steps=args.steps, sigmas=args.sigmas, shift=shift, guidance_scale=args.guidance_scale,
+                seed=args.seed, chunk_partition=args.chunk_partition,
+                image=given if args.image else None, video=given if args.video else None)
+    partition = check_chunks(args, config, frames)
+
+    steps = len(steps_to_run(schedule))
+    noise_shape = (1, frames, config.in_channels, h, w)
+    guided = args.guidance_scale > 1
+    element_size = torch.empty(0, dtype=dtype).element_size()
+    sampling = estimate_sampling_run(args, transformer, noise_shape, TEXT_TOKENS, partition, guided, device, dtype)
+    memory = estimate_generation_memory(sampling, **component_sizes(snapshot, element_size), height=args.height,
+                                        width=args.width)
+    free = available_memory(device)
+    print(f"memory: {memory.describe()}; {gib(free) if free is not None else 'unknown'} available on {device}", flush=True)
+    if free is not None and memory.peak > free:
+        raise ValueError(f"--frames {args.frames} --height {args.height} --width {args.width}: the run needs about "
+                         f"{gib(memory.peak)} at its peak ({memory.peak_stage}) but {device} has {gib(free)} available; "
+                         "use fewer frames or pixels")
+    given_latents = 0 if given is None else 1 if args.image else (given.shape[0] - 1) // 4 + 1
+    compute = (estimate_far_sampling_compute(config, noise_shape, TEXT_TOKENS, steps, partition, given_latents) if far
+               else estimate_sampling_compute(config, noise_shape, TEXT_TOKENS, steps, guided))
+    compute = replace(compute, rate=measure_matmul_rate(device, dtype, config.hidden_size))
+    print(f"compute (sampling): {compute.describe()}", flush=True)
+    if args.max_hours and compute.seconds > 3600 * args.max_hours:
+        raise ValueError(f"--frames {args.frames} --height {args.height} --width {args.width} --steps {steps}: sampling "
+                         f"needs about {compute.flops:.1e} FLOPs, about {duration(compute.seconds)} on {device}, more "
+                         f"than --max-hours {args.max_hours:g}; use fewer frames, pixels or steps, or raise --max-hours "
+                         "(0 turns the check off)")
+
+    # ---- the run ----------------------------------------------------------------------------------
+    latents_claim = ClaimedOutput(args.save_latents) if args.save_latents else contextlib.nullcontext()
+    with ClaimedOutput(args.out) as video_out, latents_claim as latents_out:
+        start = time.perf_counter()
+        pipeline = VideoPipeline.from_pretrained(args.model, dtype=dtype, device=device, lora=adapters,
+                                                 offload=args.offload, weight_dtype=args.weight_dtype)
+        if args.compile:
+            pipeline.transformer.compile_blocks()
+        print(f"loaded {args.model}: {'FAR' if far else 'bidirectional'} transformer "
+              f"({format_count(sum(p.numel() for p in pipeline.transformer.parameters()))} parameters, {dtype}), VAE, "
+              f"tokenizer on {device} in {time.perf_counter() - start:.1f} s", flush=True)
+        stage = time.perf_counter()
+        text = pipeline.encode_prompt([args.prompt] + ([args.negative_prompt] if guided else []))
+        text, negative = (text[:1], text[1:]) if guided else (text, None)
+        print(f"  text encoder: {time.perf_counter() - stage:.1f} s (streamed block by block, then freed)", flush=True)
+
+        chunks = [i for i, end in enumerate(accumulate(partition)) if end > given_latents] if far else [None]
+        progress = Progress(len(chunks) * steps, print)
+        writer = VideoWriter(video_out.partial, args.width, args.height, args.fps, extension_of=args.out)
+        kept = {}
+
+        def on_step(chunk, i, t):
+            where = "" if chunk is None else f"chunk {chunk + 1}/{len(partition)} ({partition[chunk]} frames)"
+            progress.step(where, t, 1000 * schedule[i + 1].item())
+            kept["decode from"] = time.perf_counter()
+
+        def on_frames(frames):
+            writer.write(to_uint8(frames[0]))
+            print(f"  decoded frames {writer.frames - frames.shape[1] + 1}-{writer.frames} and appended them to the "
+                  f"video in {time.perf_counter() - kept.get('decode from', time.perf_counter()):.1f} s", flush=True)
+            progress.last = time.perf_counter()  # the next step's time leaves the decoding out
+
+        try:
+            pipeline(args.prompt, prompt_embeds=text, negative_prompt_embeds=negative, callback=on_step,
+                     on_frames=on_frames, on_latents=lambda latents: kept.update(latents=latents), **call)
+        finally:
+            writer.close()
+        if latents_out is not None:
+            latents_out.commit([(LATENTS_KEY, kept["latents"].transpose(1, 2).contiguous().cpu())],
+                               {"seed": str(args.seed), "steps": str(steps), "shift": str(shift)})
+        video_out.finish()
+    print(f"wrote {args.out}: {writer.frames} frames of {args.width}x{args.height} at {args.fps:g} fps"
+          + (f", and {args.save_latents}" if args.save_latents else "")
+          + f" in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def read_given_frames(argument: str, path: str, height: int, width: int, single: bool):
+    """The frames of --image (one, (H, W, 3)) or --video (the first 4k + 1, (F, H, W, 3)), uint8, checked
+    against the video's size."""
+    from ..pipeline.video_io import read_frames
+
+    try:
+        frames = read_frames(path, limit=1 if single else None)
+    except ValueError as exc:
+        raise ValueError(f"{argument} {exc}") from None
+    if not single:
+        frames = frames[:(frames.shape[0] - 1) // 4 * 4 + 1]
+    if frames.shape[1:3] != (height, width):
+        raise ValueError(f"{argument} {path}: {frames.shape[2]}x{frames.shape[1]} pixels (width x height), but the video "
+                         f"is --width {width} --height {height}; resize it first or change the size")
+    return frames[0] if single else frames
