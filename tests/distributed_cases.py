@@ -20,7 +20,7 @@ from anyflow import (  # noqa: E402
     AnyFlowFARConfig, AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel, load_parallel, parallelize, sample,
     sample_far,
 )
-from conftest import SMALL, random_inputs, randomize_, small_config  # noqa: E402
+from support import SMALL, random_inputs, randomize_, small_config  # noqa: E402
 
 MODES = {"shard": (True, False), "sequence": (False, True), "both": (True, True)}
 

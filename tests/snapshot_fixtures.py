@@ -18,7 +18,7 @@ import tempfile
 import torch
 
 from anyflow import AnyFlowFARConfig, AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel
-from conftest import SMALL, randomize_, small_config
+from support import SMALL, randomize_, small_config
 from vae_fixtures import TINY_VAE, make_tiny_vae
 from video_fixtures import TINY_UMT5, make_tiny_tokenizer, make_tiny_umt5
 from weights_convert import convert

@@ -21,7 +21,7 @@ from anyflow import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel, sam
 from anyflow.cli import main
 from anyflow.cli.demo import TINY_CHECKPOINT, TINY_FAR_CHECKPOINT
 
-from conftest import require_oracle
+from support import require_oracle
 
 
 def test_help_does_not_import_torch():
@@ -394,6 +394,7 @@ def test_the_compute_cost_is_stated_and_an_absurd_run_refused_before_loading(tmp
     assert os.listdir(tmp_path) == ["embeds.safetensors"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_a_run_inside_one_long_native_call_within_seconds(tmp_path, embeddings):
     """One attention over 102,400 tokens runs for minutes in one native call; Ctrl-C must not wait for it."""
     log = tmp_path / "log.txt"

@@ -19,7 +19,7 @@ from weights_convert import CheckpointError, KeyMismatchError, convert, open_che
 from weights_convert.cli import main as convert_main
 from weights_convert.safetensors_io import read_header, write_file
 
-from conftest import random_inputs, randomize_, require_oracle, small_config
+from support import random_inputs, randomize_, require_oracle, small_config
 
 pytestmark = pytest.mark.reference  # compares with the oracle: rerun by CI without SIMD kernels
 

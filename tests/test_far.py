@@ -22,7 +22,7 @@ from weights_convert import CheckpointError, convert, convert_state_dict, open_c
 from weights_convert.cli import main as convert_main
 from weights_convert.safetensors_io import write_file
 
-from conftest import SMALL, randomize_, require_oracle
+from support import SMALL, randomize_, require_oracle
 
 pytestmark = pytest.mark.reference  # compares with the oracle: rerun by CI without SIMD kernels
 

@@ -21,7 +21,7 @@ from weights_convert.cli import main as convert_main
 from weights_convert.conversion import loaded_nbytes
 from weights_convert.safetensors_io import read_header, write_file
 
-from conftest import SMALL, oracle_and_ours, random_inputs, randomize_, require_oracle, small_config
+from support import SMALL, oracle_and_ours, random_inputs, randomize_, require_oracle, small_config
 
 FLOAT8 = "float8_e4m3fn"
 BAR = 1.25  # the bar: error vs the fp32 oracle <= 1.25 x that of plain per-row round-to-nearest e4m3

@@ -9,13 +9,14 @@ import sys
 
 import pytest
 
-from conftest import require_oracle
+from support import require_oracle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("1. Smoke", "2. Ours against diffusers", "3. Eager against compile_blocks()", "4. fp8 weights",
             "5. Block offload", "6. sample() peak", "7. from_pretrained", "8. load_parallel on one rank")
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 def test_the_gpu_check_runs_on_the_cpu_and_writes_every_section(tmp_path):
     require_oracle()  # the check compares with diffusers

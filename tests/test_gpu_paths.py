@@ -17,7 +17,7 @@ from anyflow.runtime.devices import (
     attention_materialises_scores, auto_dtype, configure_precision, dtype_warning, resolve_dtype,
 )
 from anyflow.runtime.torch_support import TORCH_FLOOR
-from conftest import SMALL, randomize_, small_config
+from support import SMALL, randomize_, small_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CUDA = torch.device("cuda")
@@ -132,6 +132,7 @@ def test_regional_compilation_shares_one_graph_over_blocks_and_steps():
     assert backend.graphs == 1  # 3 blocks x 4 steps
 
 
+@pytest.mark.slow
 def test_far_sampling_compiles_once_per_token_count_not_per_step():
     import torch._dynamo
 

@@ -23,7 +23,7 @@ from weights_convert import CheckpointError, convert, convert_state_dict, export
 from weights_convert.cli import main as convert_main
 from weights_convert.lora import describe, open_adapter, parse_lora_argument
 
-from conftest import SMALL, oracle_and_ours, random_inputs, randomize_, require_oracle, small_config
+from support import SMALL, oracle_and_ours, random_inputs, randomize_, require_oracle, small_config
 
 FP32_BAR = 1e-5  # max|ours - reference| <= FP32_BAR * max|reference|
 RANK = 4

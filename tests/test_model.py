@@ -16,7 +16,7 @@ from anyflow import (
 )
 from anyflow.model.embeddings import PatchEmbed, unpatchify
 
-from conftest import random_inputs, randomize_, small_config
+from support import random_inputs, randomize_, small_config
 
 
 @pytest.fixture
@@ -223,6 +223,7 @@ def test_to_dtype_takes_the_names_from_pretrained_takes(model):
     pytest.param("inductor", marks=pytest.mark.skipif(os.environ.get("CI", "").lower() != "true",
                                                       reason="inductor takes ~20 s on a fresh machine: CI runs it")),
 ])
+@pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager(model, backend):
     """No graph breaks (fullgraph=True raises on one; the whole forward is captured, with the compile-only
     code paths such as real-arithmetic RoPE), and the compiled forward is within the fp32 bar."""

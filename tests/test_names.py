@@ -8,7 +8,7 @@ import torch
 from anyflow import AnyFlowTransformer3DModel
 from weights_convert import KeyMismatchError, convert_state_dict, export_state_dict, rename_keys
 
-from conftest import small_config
+from support import small_config
 
 pytestmark = pytest.mark.reference  # uses the oracle: rerun by CI without SIMD kernels
 

@@ -25,7 +25,7 @@ from anyflow.runtime.memory import (
 )
 from anyflow.runtime.offload import block_slots, check_offload, offload_blocks
 from anyflow.model.parameters import FLOAT8_NAME, is_fp32_island
-from conftest import SMALL, random_inputs, randomize_, small_config
+from support import SMALL, random_inputs, randomize_, small_config
 
 # The offloaded model runs the same kernels on copies of the same values; only the copies' memory
 # alignment may differ from the originals' (a mapped safetensors file vs a fresh allocation), which can

@@ -25,7 +25,7 @@ TIMEOUT = 240  # seconds for one torchrun launch; a hang fails here
 # by Ulysses. Sums run in other orders, so fp32 results agree to rounding, not bit for bit: the project's fp32
 # bar, max|a - b| <= 1e-5 max|b| (seen: up to 2e-6).
 FP32_BAR = 1e-5
-pytestmark = pytest.mark.parallel
+pytestmark = [pytest.mark.parallel, pytest.mark.slow]  # torchrun launches
 
 
 def torchrun(args, cwd=ROOT):

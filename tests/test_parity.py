@@ -9,7 +9,7 @@ from anyflow import AnyFlowTransformer3DModel, FP32_ISLANDS
 from anyflow.model.parameters import is_fp32_island
 from weights_convert import rename_keys
 
-from conftest import oracle_and_ours, random_inputs, small_config
+from support import oracle_and_ours, random_inputs, small_config
 
 pytestmark = pytest.mark.reference  # compares with the oracle: rerun by CI without SIMD kernels
 

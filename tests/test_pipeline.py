@@ -18,7 +18,7 @@ import torch
 
 from anyflow import VideoPipeline
 from anyflow.cli import main
-from conftest import require_oracle
+from support import require_oracle
 from snapshot_fixtures import FAR_PARTITION, make_tiny_snapshot
 
 FRAMES_BAR = 2e-5
@@ -48,6 +48,7 @@ def test_encode_and_decode_invert_the_layouts_and_bound_the_values(snapshots):
     assert pipe.encode((frames * 255).round().to(torch.uint8)).shape == (2, 3, 4, 4, 6)
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 @pytest.mark.parametrize("far", [False, True], ids=["bidirectional", "FAR"])
 @pytest.mark.parametrize("given", [False, True], ids=["text-to-video", "image-to-video"])

@@ -15,7 +15,7 @@ from anyflow.cli import main as anyflow_main
 from weights_convert import CheckpointError, convert, open_checkpoint
 from weights_convert.cli import main as convert_main
 
-from conftest import (
+from support import (
     RELEASED_FAR_SETTINGS, authors_config, random_inputs, randomize_, require_oracle, small_config,
     write_published_snapshot,
 )

@@ -8,7 +8,7 @@ import torch
 from anyflow import flow_map_sigmas, sample, sample_far
 from anyflow.sampling import steps_to_run
 
-from conftest import oracle_and_ours, randomize_, small_config
+from support import oracle_and_ours, randomize_, small_config
 
 pytestmark = pytest.mark.reference  # compares with the oracle: rerun by CI without SIMD kernels
 

@@ -6,6 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # pytest inside pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WITHOUT = (
     "import sys\n"

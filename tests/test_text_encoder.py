@@ -17,7 +17,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import require_oracle
+from support import require_oracle
 from safetensors.torch import load_file, save_file
 from video_fixtures import (
     SENTENCES, TINY_UMT5, make_tiny_tokenizer, make_tiny_umt5, random_umt5_weights, save_umt5_folder, umt5_config_json,

@@ -23,7 +23,7 @@ from anyflow.training.lora import inject_lora, save_lora_adapter, train_only_lor
 from anyflow.training.loss_curve import write_loss_curve
 from anyflow.training.optim import clip_gradients
 from anyflow.training.trainer import Trainer
-from conftest import oracle_and_ours, random_inputs, randomize_, require_oracle, small_config
+from support import oracle_and_ours, random_inputs, randomize_, require_oracle, small_config
 from training_fixtures import read_log, tiny_checkpoint, tiny_config, tiny_data
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -136,6 +136,7 @@ def test_clip_gradients_equals_torch_clip_grad_norm():
         assert torch.allclose(p.grad, e.grad, rtol=1e-6, atol=0)
 
 
+@pytest.mark.slow
 def test_a_tiny_model_overfits_a_tiny_dataset(tmp_path):
     """Stage 0 (plain flow matching: a fixed target, so the fall is the loop's doing) on one clip, every weight
     training: the mean loss of the last 10 of 60 iterations is below 0.8 x that of the first 10 (seen: 0.69)."""
@@ -171,6 +172,7 @@ def test_stage1_run_writes_its_outputs_and_its_adapter_loads(run, capsys):
     assert model.config.num_layers == 1
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path):
     """Same process, same operations, same order: the resumed run's losses and weights equal the uninterrupted
     run's bit for bit (the checkpoint holds every state the iterations read: weights, AdamW, EMA, the draws'
@@ -210,12 +212,13 @@ def test_stage2_alternates_generator_and_fake_score_on_cpu(run):
     assert os.path.isfile(run / "out" / "lora_ema.safetensors")
 
 
+@pytest.mark.slow
 def test_far_model_trains_causally_and_its_compressed_patch_embedding_is_written(run):
     """A FAR generator: stage 1 on its chunks (clean context before the last full_chunk_limit), stage 2 rolling out
     chunk by chunk against bidirectional scores, as the authors' FAR trainers; far_patch_embed trains whole, so the
     merged model is written beside the adapters."""
     from anyflow import AnyFlowFARConfig, AnyFlowFARTransformer3DModel
-    from conftest import SMALL
+    from support import SMALL
 
     config = AnyFlowFARConfig(**{**SMALL, "num_layers": 1, "chunk_partition": (1, 1, 1, 1), "full_chunk_limit": 1})
     far = AnyFlowFARTransformer3DModel(config)
@@ -244,6 +247,7 @@ def test_far_model_trains_causally_and_its_compressed_patch_embedding_is_written
                                              datasets={"train": {"data_root": str(run / "far-data")}})), say=quiet)
 
 
+@pytest.mark.slow
 @pytest.mark.parallel
 def test_two_processes_under_fsdp2_give_one_process_loss_and_gradients(tmp_path):
     """Stage 1's first iteration on 2 gloo processes of 1 sample each against 1 process of 2 (the same draws:

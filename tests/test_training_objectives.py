@@ -27,7 +27,7 @@ from anyflow import AnyFlowFARConfig, AnyFlowFARTransformer3DModel, AnyFlowTrans
 from anyflow.training import FlowMapLoss, dmd_loss, fake_score_loss, flow_matching_loss, rollout
 from anyflow.training.objectives.flow_map import rescale_to_diffusion_mean
 from anyflow.training.objectives.timesteps import LossWeighting, draw_noise, sample_flow_map_timesteps
-from conftest import SMALL, randomize_, require_oracle, small_config
+from support import SMALL, randomize_, require_oracle, small_config
 from weights_convert import convert_state_dict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -311,6 +311,7 @@ def directional_check(model, loss_fn, seed: int, h: float = 1e-3, richardson: bo
 FD_BAR = 1e-4
 
 
+@pytest.mark.slow
 def test_far_stage1_gradient_matches_a_finite_difference():
     """r = t (diffusion samples: the target n - x_0 holds no model output) and no guidance, so the loss is a
     plain function of the parameters, with the clean context and the clean copies in it."""
@@ -449,6 +450,7 @@ def test_far_rollout_is_the_authors_chunk_by_chunk(num_steps, grad_step):
     assert relative(out, expected) <= LOSS_BAR
 
 
+@pytest.mark.slow
 def test_far_rollout_gradients_match_a_finite_difference_with_the_caches_held():
     """The cache is encoded without gradients (as the authors encode theirs): a chunk's gradient flows through its
     own moves only. So autograd's derivative equals a central difference of the same rollout with every chunk's
@@ -551,6 +553,7 @@ def test_bad_input_is_one_clear_error(tiny, case):
 TIMEOUT = 240  # seconds for the torchrun launch; a hang fails here
 
 
+@pytest.mark.slow
 @pytest.mark.parallel
 def test_global_rescale_on_two_processes_is_the_authors(tmp_path):
     """Rank 0 draws the diffusion samples, rank 1 none: rank 1's loss is rescaled to rank 0's diffusion mean

@@ -23,7 +23,7 @@ from weights_convert.safetensors_io import CheckpointError
 from anyflow.vae.checkpoint import read_vae_config
 from anyflow.vae.names import rename, vae_names
 
-from conftest import require_oracle
+from support import require_oracle
 from vae_fixtures import TINY_VAE, diffusers_vae_config, make_tiny_vae, random_vae_weights, write_wan_pth
 
 BAR = 1e-5
@@ -114,6 +114,7 @@ def test_configs_match_diffusers(tmp_path, name):
     assert ours.config == our_config(raw)
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 def test_tiled_decode_matches_diffusers_tiling(tiny_folder):
     ref, ours = oracle(tiny_folder), WanVAE.from_pretrained(str(tiny_folder))
@@ -157,6 +158,7 @@ def test_streamed_decode_is_the_whole_decode_bit_for_bit(tiny_folder):
     assert torch.equal(ours.decode(z.transpose(1, 2), frames_first=True), whole)
 
 
+@pytest.mark.slow
 def test_streamed_tiled_decode_is_the_whole_tiled_decode(tiny_folder):
     ours = WanVAE.from_pretrained(str(tiny_folder))
     z = latents(ours.config, 3, 8, 12)

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from anyflow import AnyFlowTransformer3DModel  # noqa: E402
 from anyflow.training.config import config_from_dict  # noqa: E402
 from anyflow.training.data import DatasetWriter  # noqa: E402
-from conftest import randomize_, small_config  # noqa: E402
+from support import randomize_, small_config  # noqa: E402
 
 FRAMES, CHANNELS, SIZE, TOKENS, TEXT_DIM = 2, 4, 4, 3, 24  # latents (2, 4, 4, 4): 4 tokens a frame
 
