@@ -163,7 +163,7 @@ class Pretrained:
         so compiling takes the time of one block, whatever the depth. The embeddings, the head and
         the samplers stay eager; timesteps reach the blocks as tensors, so one graph serves every
         step of a schedule. A new token count (another video size, a FAR chunk seeing a longer
-        cache) compiles once more.
+        cache) compiles again (one or two graphs: the first block takes a fresh tensor, the others a view).
         """
         for block in self.blocks:
             block.compile(**options)

@@ -1,4 +1,4 @@
-"""Scaled float8 weights (anyflow.fp8) side by side with plain per-row quantisation and with bfloat16.
+"""Scaled float8 weights (anyflow.runtime.fp8) side by side with plain per-row quantisation and with bfloat16.
 
     python scripts/bench_fp8.py [--workdir DIR] [--layers 2] [--seeds 0 1] [--repeats 3]
 

@@ -110,7 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     folder = ensure_checkpoint(args.workdir, args.layers)
-    base = {"import torch + ours": probe("import torch\nimport anyflow.text_encoder"),
+    base = {"import torch + ours": probe("import torch\nimport anyflow.text.encoder"),
             "import torch + transformers": probe("import torch\nfrom transformers import UMT5EncoderModel")}
     print(f"\nUMT5-XXL widths, {args.layers} blocks, bf16, batch 1, {os.cpu_count()} CPUs; medians of {args.repeats} "
           f"fresh processes.\nBaseline peak RSS: " + ", ".join(f"{k} {v['rss_mb']:.0f} MB" for k, v in base.items()))

@@ -167,7 +167,7 @@ def oracle_forward(model, x, text, t=900.0, r=400.0):
 
     On a CPU whose ATen kernels are forced below AVX512 (CI's ``ATEN_CPU_CAPABILITY=default`` pass),
     torch's half-precision flash attention still packs for AMX and fails ("pack_vnni2"); ours then
-    computes in float32 (anyflow/linear.py), and diffusers' attention is run on the math kernel.
+    computes in float32 (anyflow/model/layers.py), and diffusers' attention is run on the math kernel.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -7,6 +7,8 @@ import sys
 import time
 from typing import List, Optional
 
+from anyflow.model.parameters import DTYPE_NAMES, FLOAT8_NAME
+
 from .names import FORMATS
 
 
@@ -22,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "in must exist)")
     parser.add_argument("--from", dest="from_format", choices=FORMATS, help="force the source naming (default: detected)")
     parser.add_argument("--to", choices=("anyflow", "diffusers"), default="anyflow", help="output layout (default anyflow)")
-    parser.add_argument("--dtype", choices=("keep", "float32", "bfloat16", "float16", "float8_e4m3fn"), default="keep",
+    parser.add_argument("--dtype", choices=("keep",) + DTYPE_NAMES + (FLOAT8_NAME,), default="keep",
                         help="output dtype; fp32 islands stay float32 in half precision (default keep). float8_e4m3fn: "
                         "the blocks' linear weights as float8 with a float32 scale per row (<weight>_scale), the rest "
                         "bfloat16 (anyflow layout only; docs/FP8.md)")

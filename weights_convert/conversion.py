@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, TextIO, Tuple, Union
 
 from anyflow.model.config import AnyFlowConfig, AnyFlowFARConfig
-from anyflow.model.parameters import DTYPE_NAMES, SCALE_SUFFIX, is_fp32_island
+from anyflow.model.parameters import SCALE_SUFFIX, is_fp32_island
 
 from .lora import LoraArguments, MergedTensor, apply_adapters, normalize_lora
 from .pt_files import InMemoryTensor
@@ -28,7 +28,6 @@ from .writer import OutputTensor, parse_size, write_checkpoint
 if TYPE_CHECKING:
     import torch
 
-DTYPES = {"keep": None, **{name: dtype_code(name) for name in DTYPE_NAMES}}
 FLOAT8_OTHERS = "BF16"  # the dtype of the tensors other than the block linear weights in a float8 conversion
 TARGETS = ("anyflow", "diffusers")
 STEMS = {"anyflow": "model", "diffusers": "diffusion_pytorch_model"}
@@ -46,17 +45,13 @@ def output_dtype(name: str, stored: str, dtype: Optional[str]) -> str:
 
 
 def resolve_dtype(dtype: Union[str, "torch.dtype", None]) -> Optional[str]:
-    """The safetensors code of "float32", "bfloat16", "float16" or a torch dtype; None for "keep" or None."""
-    if dtype is None:
+    """The safetensors code of a model dtype ("float32", "bfloat16", "float16" or that torch dtype, as
+    :func:`anyflow.runtime.devices.resolve_dtype` takes it); None for "keep" or None."""
+    if dtype is None or dtype == "keep":  # a renaming conversion: no torch needed
         return None
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        return DTYPES[dtype]
-    code = dtype_code(dtype)
-    if code not in DTYPES.values():
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    return code
+    from anyflow.runtime.devices import resolve_dtype as torch_dtype_of
+
+    return dtype_code(torch_dtype_of(dtype))
 
 
 def loaded_nbytes(checkpoint: Checkpoint, dtype: Union[str, "torch.dtype", None], weight_dtype: object = None) -> int:

@@ -1,6 +1,6 @@
 """Scaled float8 checkpoints: the blocks' linear weights as float8 e4m3 with one float32 scale per row.
 
-Layout (anyflow layout, our names): each weight of :data:`anyflow.parameters.FLOAT8_LINEARS`,
+Layout (anyflow layout, our names): each weight of :data:`anyflow.model.parameters.FLOAT8_LINEARS`,
 ``blocks.N.<linear>.weight`` (out, in), is stored as ``F8_E4M3`` and its scales beside it as
 ``blocks.N.<linear>.weight_scale`` (out,) ``F32``, the weight being their product row by row
 (:mod:`anyflow.runtime.fp8`); every other tensor as in any checkpoint (the converter writes them in
@@ -66,13 +66,14 @@ def is_float8(dtype: object) -> bool:
 
 
 def resolve_weight_dtype(weight_dtype: object) -> Optional[bool]:
-    """``weight_dtype`` of ``from_pretrained``: True for float8, None (keep what is stored) for None;
-    anything else raises ValueError."""
+    """``weight_dtype`` of ``from_pretrained``: True for float8 ("float8_e4m3fn" or that torch dtype), None
+    (keep what is stored) for None; anything else raises ValueError
+    (:func:`anyflow.runtime.devices.resolve_dtype`)."""
     if weight_dtype is None:
         return None
-    if not is_float8(weight_dtype):
-        raise ValueError(f"weight_dtype must be None (the checkpoint's) or {FLOAT8_NAME!r} (torch.{FLOAT8_NAME}), "
-                         f"got {weight_dtype!r}")
+    from anyflow.runtime.devices import resolve_dtype
+
+    resolve_dtype(weight_dtype, (FLOAT8_NAME,), argument="weight_dtype")
     return True
 
 

@@ -83,7 +83,7 @@ CLI_NAMES = ("--frames", "--height", "--width")
 
 def estimate_sampling_run(args: argparse.Namespace, checkpoint, noise_shape: tuple, text_tokens: int,
                           partition: Optional[tuple], guided: bool, device, dtype):
-    """The memory a ``sample`` or ``generate`` run's sampling needs (a :class:`anyflow.memory.MemoryEstimate`), from
+    """The memory a ``sample`` or ``generate`` run's sampling needs (a :class:`anyflow.runtime.memory.MemoryEstimate`), from
     the opened ``checkpoint``'s headers and the arguments: the weights as loaded (``--weight-dtype``), the
     device's kernels, the FAR cache, and ``--offload``."""
     import torch

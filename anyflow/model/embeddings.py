@@ -21,6 +21,7 @@ from typing import Tuple
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .layers import LayerNormFP32, Linear, linear
@@ -40,10 +41,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         _, ph, pw = self.patch_size
-        b, f, c, h, w = latents.shape
-        patches = latents.view(b, f, c, h // ph, ph, w // pw, pw)
-        patches = patches.permute(0, 1, 3, 5, 2, 4, 6)  # (B, F, h, w, C, ph, pw)
-        patches = patches.reshape(b, f * (h // ph) * (w // pw), c * ph * pw)  # (B, L, C*ph*pw)
+        patches = rearrange(latents, "b f c (h ph) (w pw) -> b (f h w) (c ph pw)", ph=ph, pw=pw)
         weight = self.proj.weight.flatten(1)  # (D, C*pt*ph*pw), pt = 1
         return linear(patches, weight, self.proj.bias)
 
@@ -55,11 +53,7 @@ def unpatchify(tokens: torch.Tensor, grid: Tuple[int, int, int], patch_size: Tup
     """
     f, h, w = grid
     _, ph, pw = patch_size
-    b = tokens.shape[0]
-    c = tokens.shape[-1] // (ph * pw)
-    x = tokens.view(b, f, h, w, ph, pw, c)
-    x = x.permute(0, 1, 6, 2, 4, 3, 5)  # (B, F, C, h, ph, w, pw)
-    return x.reshape(b, f, c, h * ph, w * pw)
+    return rearrange(tokens, "b (f h w) (ph pw c) -> b f c (h ph) (w pw)", f=f, h=h, w=w, ph=ph, pw=pw)
 
 
 def timestep_sinusoid(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

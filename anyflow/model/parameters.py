@@ -27,7 +27,7 @@ Shape = Tuple[int, ...]
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 # The linear layers of every block (names within the block) that ``weight_dtype="float8_e4m3fn"`` holds
-# as float8 e4m3 with one float32 scale per output row (:mod:`anyflow.fp8`); with it, the weight
+# as float8 e4m3 with one float32 scale per output row (:mod:`anyflow.runtime.fp8`); with it, the weight
 # ``blocks.N.<linear>.weight`` has its scales beside it as ``blocks.N.<linear>.weight_scale`` (out,).
 FLOAT8_LINEARS = tuple(f"{attn}.{proj}" for attn in ("self_attn", "cross_attn") for proj in "qkvo") + (
     "ffn.fc_in", "ffn.fc_out")

@@ -30,13 +30,13 @@ import os
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Tuple
 
+from ..model.block import CPU_TOKENS_PER_CHUNK  # what a block's feed-forward takes at a time on a CPU (at most)
 from ..model.config import AnyFlowConfig, AnyFlowFARConfig
 from ..model.parameters import FLOAT8_NAME, is_float8_weight, is_fp32_island, parameter_shapes
 from .video_shape import latent_shape
 
 # bytes per token per hidden unit at a block's peak, by the model's element size
 STREAM_BYTES_PER_UNIT = {4: 32, 2: 24}
-FFN_TOKENS_PER_CHUNK = 4096  # anyflow.model.block.FeedForward.tokens_per_chunk (at most; fewer in half precision on CPU)
 ROPE_BYTES_PER_TOKEN_AND_HEAD_DIM = 16  # float64 angles, their cos and sin, the float32 table
 OFFLOADED_BLOCKS_ON_DEVICE = 2  # anyflow.runtime.offload: the block that runs and the next one, being copied
 # What a CUDA process holds before any tensor (context, cuBLAS and attention workspaces; about 0.5 GiB
@@ -189,7 +189,7 @@ class ForwardKernels:
     CUDA GPUs before Ampere; :func:`anyflow.runtime.devices.attention_materialises_scores`).
     """
 
-    ffn_tokens_per_chunk: Optional[int] = FFN_TOKENS_PER_CHUNK
+    ffn_tokens_per_chunk: Optional[int] = CPU_TOKENS_PER_CHUNK
     materialised_scores: bool = False
 
     @staticmethod
@@ -197,7 +197,7 @@ class ForwardKernels:
         """The kernels a model in ``dtype`` runs on ``device`` (torch device and dtype) by default."""
         from .devices import attention_materialises_scores
 
-        return ForwardKernels(FFN_TOKENS_PER_CHUNK if device.type == "cpu" else None,
+        return ForwardKernels(CPU_TOKENS_PER_CHUNK if device.type == "cpu" else None,
                               attention_materialises_scores(device, dtype))
 
 

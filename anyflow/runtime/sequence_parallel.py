@@ -58,9 +58,9 @@ def local_segments(segments: Sequence[Segment], start: int, stop: int) -> Tuple[
     the tokens it keeps."""
     local, frame, position = [], 0, 0
     first = last = None
-    for frames, per_frame in segments:
+    for frames, tokens_per_frame in segments:
         for f in range(frames):
-            begin, end = max(position, start), min(position + per_frame, stop)
+            begin, end = max(position, start), min(position + tokens_per_frame, stop)
             if begin < end:
                 count = end - begin
                 if local and local[-1][1] == count:  # one more frame of as many tokens
@@ -70,7 +70,7 @@ def local_segments(segments: Sequence[Segment], start: int, stop: int) -> Tuple[
                 first = frame if first is None else first
                 last = frame
             frame += 1
-            position += per_frame
+            position += tokens_per_frame
     return tuple(local), first, last + 1
 
 

@@ -1,7 +1,7 @@
 """The oldest torch this project runs on, checked once at import with one clear error.
 
 torch 2.7 is the floor: FSDP2's ``fully_shard(..., ignored_params=...)`` (the fp32 islands kept whole
-on every rank, :mod:`anyflow.parallel`) came with it; ``torch.compiler.is_compiling`` (2.3) and the
+on every rank, :mod:`anyflow.runtime.parallel`) came with it; ``torch.compiler.is_compiling`` (2.3) and the
 public ``torch.distributed.fsdp.fully_shard`` (2.6) are older. APIs newer than the floor are used
 only behind a fallback (``tests/test_gpu_paths.py`` keeps the list).
 """

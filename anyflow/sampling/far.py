@@ -31,12 +31,12 @@ def sample_far(
     """Sample latents chunk by chunk with an AnyFlow FAR model.
 
     Each chunk of ``chunk_partition`` runs the same flow-map schedule as :func:`sample`, attending
-    to the clean frames made before it (a :class:`anyflow.far.FarKVCache`, refreshed after each
+    to the clean frames made before it (a :class:`anyflow.FarKVCache`, refreshed after each
     chunk). Given frames (image or video conditioning) fill the first chunks: they are cached,
     never denoised.
 
     Args:
-        model: an :class:`anyflow.far.AnyFlowFARTransformer3DModel`.
+        model: an :class:`anyflow.AnyFlowFARTransformer3DModel`.
         noise: initial latents (B, F, C, H, W), standard normal.
         encoder_hidden_states: UMT5 embeddings (B, S, text_dim) or a :class:`PreparedContext`.
         num_steps, sigmas, shift, use_mean_velocity: the schedule of every chunk, as in :func:`sample`.

@@ -173,7 +173,7 @@ def encode_prompts(tokenizer: PromptTokenizer, encoder, prompts: Union[str, Sequ
     """Prompts -> UMT5 embeddings (B, max_length, D) as diffusers' Wan and AnyFlow ``encode_prompt``
     make them: each prompt cleaned (:func:`clean_prompt`), tokenized, encoded with its padding mask,
     and every position past its own tokens set to zero. ``encoder`` is a
-    :class:`anyflow.text_encoder.UMT5Encoder` or a streaming one; the result is in its dtype and on
+    :class:`anyflow.text.encoder.UMT5Encoder` or a streaming one; the result is in its dtype and on
     its device unless ``dtype`` or ``device`` say otherwise.
 
     The encoder runs over the longest prompt's tokens only, not all ``max_length``: what it leaves

@@ -5,7 +5,7 @@ names contain one of their targets: self-attention q, k, v, o (``attn1.to_q`` ..
 (``ffn.net.0.proj``, ``ffn.net.2``) and both time MLPs (``time_embedder``, ``delta_embedder``).
 :func:`inject_lora` takes the same targets, or our own names (``self_attn.q``, ``ffn.fc_in``,
 ``source_time_mlp``, ...), and matches them as the authors do: a target selects every linear module
-whose name contains it. Each selected :class:`anyflow.linear.Linear` becomes a :class:`LoRALinear`,
+whose name contains it. Each selected :class:`anyflow.model.layers.Linear` becomes a :class:`LoRALinear`,
 
     y = W x + b + (alpha / rank) * B (A x)        A (rank, in), B (out, rank)
 

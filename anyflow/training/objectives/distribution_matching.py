@@ -33,13 +33,13 @@ from .flow_map import flow_matching_loss
 from .timesteps import (
     add_noise, check_latents, check_noise, check_shift, check_timesteps, draw_noise, sample_uniform_timesteps,
 )
-from .velocity import match_batch, per_frame, velocity
+from .velocity import match_batch, frame_timesteps, velocity
 
 
 def denoise(score, x_t: torch.Tensor, t: torch.Tensor, encoder_hidden_states) -> torch.Tensor:
     """One jump from t to 0 with a score model, ``x_t - sigma_t u(x_t, t, t)``, in u's dtype (their scheduler step)."""
     u = velocity(score, x_t, t, t, encoder_hidden_states)
-    sigma = per_frame(t, x_t.shape[1]) / TRAIN_TIMESTEPS  # (B, F)
+    sigma = frame_timesteps(t, x_t.shape[1]) / TRAIN_TIMESTEPS  # (B, F)
     return (x_t - sigma[..., None, None, None] * u).to(u.dtype)
 
 

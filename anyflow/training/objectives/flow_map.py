@@ -38,7 +38,7 @@ from .timesteps import (
     WEIGHTINGS, LossWeighting, add_noise, check_latents, check_noise, check_shift, check_timesteps, draw_noise,
     sample_flow_map_timesteps, sample_logit_normal_timesteps,
 )
-from .velocity import far_split, is_far, match_batch, per_frame, velocity
+from .velocity import far_split, frame_timesteps, is_far, match_batch, velocity
 
 RESCALE_EPS = 1e-5  # the authors' guard in the rescale's denominator
 
@@ -233,8 +233,8 @@ class FlowMapLoss:
         clean_timestep = torch.zeros(batch, frames, device=latents.device)
 
         def u(x, t, r, text):
-            t_all = torch.cat([zeros, per_frame(t, frames)], dim=1)  # (B, F_context + F)
-            r_all = torch.cat([zeros, per_frame(r, frames)], dim=1)
+            t_all = torch.cat([zeros, frame_timesteps(t, frames)], dim=1)  # (B, F_context + F)
+            r_all = torch.cat([zeros, frame_timesteps(r, frames)], dim=1)
             return velocity(model, torch.cat([context_latents, x], dim=1), t_all, r_all, text,
                             chunk_partition=list(partition), clean_hidden_states=latents, clean_timestep=clean_timestep)
         return u

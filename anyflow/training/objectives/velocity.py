@@ -2,7 +2,7 @@
 
 Every call passes what the authors pass: keywords, one timestep per frame (B, F), and it takes the
 first output. So the objectives run on :class:`anyflow.AnyFlowTransformer3DModel` and
-:class:`anyflow.far.AnyFlowFARTransformer3DModel` as on diffusers' models of the same names,
+:class:`anyflow.AnyFlowFARTransformer3DModel` as on diffusers' models of the same names,
 whose ``forward`` has the same keywords and wants per-frame timesteps.
 """
 
@@ -14,7 +14,8 @@ import torch
 
 from ...model.config import check_chunk_partition
 
-def per_frame(t: torch.Tensor, frames: int) -> torch.Tensor:
+
+def frame_timesteps(t: torch.Tensor, frames: int) -> torch.Tensor:
     """(B,) timesteps -> (B, F), one per frame (the authors' ``repeat(t, 'b -> b f')``); (B, F) stays."""
     return t[:, None].expand(-1, frames).contiguous() if t.dim() == 1 else t
 
@@ -26,7 +27,7 @@ def velocity(model, latents: torch.Tensor, t: torch.Tensor, r: torch.Tensor, enc
     ``far_inputs``: ``chunk_partition``, ``clean_hidden_states``, ``clean_timestep`` for a FAR model.
     """
     frames = latents.shape[1]
-    return model(hidden_states=latents, timestep=per_frame(t, frames), r_timestep=per_frame(r, frames),
+    return model(hidden_states=latents, timestep=frame_timesteps(t, frames), r_timestep=frame_timesteps(r, frames),
                  encoder_hidden_states=encoder_hidden_states, return_dict=False, **far_inputs)[0]
 
 
