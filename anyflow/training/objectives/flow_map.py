@@ -1,28 +1,11 @@
-"""Stages 0 and 1: the teacher's flow matching, and the forward flow-map objective that makes the student.
+"""Stages 0 and 1: the teacher's flow matching (:func:`flow_matching_loss`, ``L_0``), and the forward flow-map
+objective that makes the student (:class:`FlowMapLoss`, ``L_1``: the mean velocity regressed onto
+``v - (t - r) dF/dt``, a central difference of the model itself, with guidance fused, weighted by ``w(t)``
+and rescaled to the diffusion samples' mean).
 
-Notation (timesteps on the 1000 scale, ``sigma = t / 1000``; :mod:`anyflow.training.objectives.timesteps`):
-
-    x_t = sigma_t * n + (1 - sigma_t) * x_0,       v = n - x_0          (n: standard normal noise)
-    u(x, t, r): the model's mean velocity from t to r,   x_r = x_t - (sigma_t - sigma_r) * u
-
-**Stage 0** (:func:`flow_matching_loss`, the teacher) regresses the instantaneous velocity, r = t:
-
-    L_0 = mean_b || u(x_t, t, t) - v ||^2
-
-**Stage 1** (:class:`FlowMapLoss`, the student) regresses the mean velocity over [r, t]. Since
-``(t - r) u(x_t, t, r) = int_r^t v``, differentiating in t along the path gives the target
-
-    u(x_t, t, r)  ~  v - (t - r) dF/dt,
-    dF/dt = [u(x_t + v eps/1000, t + eps, r) - u(x_t - v eps/1000, t - eps, r)] / (2 eps)
-
-(a central difference, no gradient), where u is the model itself. With guidance g fused, the
-trained prediction is ``(u_cond - (1 - g) u_uncond) / g`` (u_uncond without gradient) and dF/dt
-is that of u_cond, divided by g. Each sample's squared error is weighted by w(t)
-(:class:`~anyflow.training.objectives.timesteps.LossWeighting`) and the non-diffusion samples (r != t) are
-rescaled to the mean loss of the diffusion samples (r = t) over the global batch.
-
-The code follows the authors' ``train_bidirection`` / ``train_causal`` and
-``compute_central_difference`` (NVlabs/AnyFlow, ``far/trainers/trainer_*_anyflow_pretrain.py``).
+The math, with its notation, is written once, in docs/TRAINING.md ("Stage 0", "Stage 1"). The code
+follows the authors' ``train_bidirection`` / ``train_causal`` and ``compute_central_difference``
+(NVlabs/AnyFlow, ``far/trainers/trainer_*_anyflow_pretrain.py``).
 """
 
 from __future__ import annotations
