@@ -30,6 +30,20 @@ SMALL = dict(
 )
 
 
+FP32_BAR = 1e-5  # max|ours - reference| <= FP32_BAR * max|reference|: float32 rounding, summed in another order
+
+
+def assert_same_run(ran: torch.Tensor, here: torch.Tensor) -> None:
+    """A command's output against the same call made in the test: equal dtype and shape, values within the
+    float32 bar (one ulp of the largest value in half precision). Not bit for bit: a command computes in its
+    worker thread (anyflow.runtime.interrupts), and two threads of one process may split a reduction otherwise
+    (seen on a 2-core AMD EPYC: 1.4e-6 on O(1) latents; none with OMP_NUM_THREADS=1)."""
+    assert ran.dtype == here.dtype and ran.shape == here.shape, (ran.dtype, here.dtype, ran.shape, here.shape)
+    bar = FP32_BAR if ran.dtype == torch.float32 else torch.finfo(ran.dtype).eps
+    error = (ran.float() - here.float()).abs().max() / here.float().abs().max()
+    assert error <= bar, f"max error {error:.2e} of max|reference|, above the bar {bar:.0e}"
+
+
 def small_config(**overrides) -> AnyFlowConfig:
     return AnyFlowConfig(**{**SMALL, **overrides})
 

@@ -21,7 +21,7 @@ from anyflow import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel, sam
 from anyflow.cli import main
 from anyflow.cli.demo import TINY_CHECKPOINT, TINY_FAR_CHECKPOINT
 
-from support import require_oracle
+from support import assert_same_run, require_oracle
 
 
 def test_help_does_not_import_torch():
@@ -102,7 +102,7 @@ def test_sample_writes_the_samplers_latents_in_diffusers_layout(tmp_path, embedd
     if kwargs.pop("negative", False):
         kwargs["negative_encoder_hidden_states"] = stored["negative_prompt_embeds"]
     expected = sample(model, noise, stored["prompt_embeds"], **kwargs)
-    assert torch.equal(latents, expected.transpose(1, 2))
+    assert_same_run(latents, expected.transpose(1, 2))
 
 
 # ---- anyflow sample: every bad argument is one line, before the model is loaded, with nothing left behind --
@@ -311,7 +311,7 @@ def test_sample_on_a_far_checkpoint_goes_chunk_by_chunk(tmp_path, embeddings, ca
         assert f"after 2 step(s) in each of {chunks} chunk(s)" in printed
         expected = sample_far(model, noise, text, num_steps=2,
                               context_latents=None if given is None else given.transpose(1, 2))
-        assert torch.equal(load_file(str(out))["latents"], expected.transpose(1, 2))
+        assert_same_run(load_file(str(out))["latents"], expected.transpose(1, 2))
         with safe_open(str(out), "pt") as f:
             assert f.metadata()["chunk_partition"] == "[1, 2, 2, 2]"
 
@@ -443,7 +443,7 @@ def test_the_file_holds_the_latents_in_the_models_dtype_as_sample_returns_them(t
     expected = sample(model, noise, load_file(str(embeddings))["prompt_embeds"], num_steps=2)
     stored = load_file(str(out))["latents"]
     assert stored.dtype == expected.dtype == torch.bfloat16
-    assert torch.equal(stored, expected.transpose(1, 2))  # the same computation in this process: bit for bit
+    assert_same_run(stored, expected.transpose(1, 2))
 
 
 def test_a_device_torch_does_not_know_is_named_in_one_line():

@@ -18,7 +18,7 @@ import torch
 
 from anyflow import VideoPipeline
 from anyflow.cli import main
-from support import require_oracle
+from support import assert_same_run, require_oracle
 from snapshot_fixtures import FAR_PARTITION, make_tiny_snapshot
 
 FRAMES_BAR = 2e-5
@@ -31,6 +31,13 @@ SIZES = {False: (17, 64, 64), True: (17, 128, 256)}
 def snapshots(tmp_path_factory):
     root = tmp_path_factory.mktemp("snapshots")
     return {far: make_tiny_snapshot(root / ("far" if far else "bidirectional"), far=far) for far in (False, True)}
+
+
+def assert_same_frames(written: np.ndarray, here: np.ndarray) -> None:
+    """uint8 frames a command wrote (losslessly) against the pipeline called here: the same computation in
+    another thread, equal within the float32 bar before rounding (see support.assert_same_run), so a pixel
+    may round one level apart."""
+    assert written.shape == here.shape and np.abs(written.astype(int) - here.astype(int)).max() <= 1
 
 
 def noise_for(far: bool, seed: int = 3) -> torch.Tensor:
@@ -189,10 +196,10 @@ def test_generate_png_frames_equal_the_pipelines_and_far_appends_chunks(snapshot
     assert main(generate_args(snapshots[False], out, "--seed", "5", "--save-latents", str(tmp_path / "l.safetensors"))) == 0
     pipe = VideoPipeline.from_pretrained(snapshots[False])
     expected = pipe(PROMPT, num_frames=17, height=64, width=64, num_steps=2, seed=5, output="uint8")
-    assert np.array_equal(read_back(out), expected[0].numpy())
+    assert_same_frames(read_back(out), expected[0].numpy())
     latents = load_file(str(tmp_path / "l.safetensors"))["latents"]  # diffusers layout
-    assert torch.equal(latents, pipe(PROMPT, num_frames=17, height=64, width=64, num_steps=2, seed=5,
-                                     output="latents").transpose(1, 2))
+    assert_same_run(latents, pipe(PROMPT, num_frames=17, height=64, width=64, num_steps=2, seed=5,
+                                  output="latents").transpose(1, 2))
     capsys.readouterr()
     frames, height, width = SIZES[True]
     far_out = tmp_path / "far.gif"
@@ -213,7 +220,7 @@ def test_generate_an_image_to_video_starts_from_the_image_file(snapshots, tmp_pa
     assert main(generate_args(snapshots[False], out, "--image", str(tmp_path / "first.png"), "--seed", "2")) == 0
     pipe = VideoPipeline.from_pretrained(snapshots[False])
     expected = pipe(PROMPT, num_frames=17, height=64, width=64, num_steps=2, seed=2, image=image[0], output="uint8")
-    assert np.array_equal(read_back(out), expected[0].numpy())
+    assert_same_frames(read_back(out), expected[0].numpy())
 
 
 def broken_tokenizer(root, tmp_path):
