@@ -7,7 +7,9 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 
@@ -440,3 +442,95 @@ def test_prepare_training_data_makes_a_folder_the_trainer_trains_on(tmp_path, ca
         "model_name": os.path.join(snapshot, "transformer")}})
     Trainer(config_from_dict(raw), say=quiet).train()
     assert len(read_log(tmp_path)) == 2
+
+
+# ---- runs that go wrong: non-finite values, a changed config, a bad output folder ---------------------
+
+def test_a_nonfinite_loss_stops_the_run_keeps_the_last_checkpoint_and_writes_no_weights(run, capsys):
+    raw = tiny_config(run, train={"total_iter": 6, "warmup_iter": 0, "optim_g": {"lr": 1e30}},
+                      logger={"save_checkpoint_freq": 1})
+    with pytest.raises(ValueError, match=r"^step \d: .*(loss|grad_norm) (nan|inf).*training stopped \(the last good "
+                                         r"checkpoint, .*step_\d+, is kept; no weights were written\)"):
+        Trainer(config_from_dict(raw), say=quiet).train()
+    out = run / "out"
+    assert not (out / "lora.safetensors").exists() and not (out / "lora_ema.safetensors").exists()
+    with open(out / "checkpoints" / "latest") as f:
+        latest = f.read().strip()
+    assert all(math.isfinite(r["loss"]) for r in read_log(run) if r["step"] <= int(latest.split("_")[1]))
+
+
+def test_max_nonfinite_steps_skips_such_a_step_without_updating(run, monkeypatch):
+    raw = tiny_config(run, train={"total_iter": 3, "warmup_iter": 0, "max_nonfinite_steps": 1})
+    trainer = Trainer(config_from_dict(raw), say=quiet)
+    real = trainer._flow_map_loss
+    monkeypatch.setattr(trainer, "_flow_map_loss", lambda latents, text: real(latents, text) * float("nan")
+                        if trainer.step == 1 else real(latents, text))
+    before = {n: p.detach().clone() for n, p in trainer.generator.named.items()}
+    trainer.train_step()  # step 1: finite
+    after_first = {n: p.detach().clone() for n, p in trainer.generator.named.items()}
+    record = trainer.train_step()  # step 2: NaN, skipped
+    trainer._check_finite(record)
+    assert math.isnan(record["loss"]) and trainer.skipped == 1
+    assert all(torch.equal(p, after_first[n]) for n, p in trainer.generator.named.items())  # no update taken
+    assert any(not torch.equal(after_first[n], before[n]) for n in before)
+    trainer.train_step()  # step 3: finite again
+    record = dict(record, loss=float("inf"))
+    with pytest.raises(ValueError, match=r"training stopped"):
+        trainer._check_finite(record)  # a second one is past the one allowed
+
+
+def test_resume_refuses_what_cannot_change_before_loading_and_records_what_may(run, monkeypatch):
+    Trainer(config_from_dict(tiny_config(run, train={"total_iter": 2})), say=quiet).train()
+    import anyflow.training.trainer as trainer_module
+
+    real_load = trainer_module._load
+    monkeypatch.setattr(trainer_module, "_load", lambda *a, **k: pytest.fail("a model loaded before the config check"))
+    for change, keys in (({"train": {"train_pipeline": "teacher", "total_iter": 4}}, "train.train_pipeline"),
+                         ({"models": {"transformer_cfg": {"lora_config": {"lora_rank": 8}}}},
+                          "models.transformer_cfg.lora_config.lora_rank"),
+                         ({"datasets": {"train": {"batch_size_per_gpu": 1}}}, "datasets.train.batch_size_per_gpu")):
+        with pytest.raises(ConfigError, match=rf"cannot change when it resumes: {re.escape(keys)} "):
+            Trainer(config_from_dict(tiny_config(run, **change)), say=quiet)
+    monkeypatch.setattr(trainer_module, "_load", real_load)
+    lines = []
+    trainer = Trainer(config_from_dict(tiny_config(run, train={"total_iter": 3, "optim_g": {"lr": 5e-4}})),
+                      say=lines.append)
+    assert trainer.step == 2 and trainer.config_changes == {"train.total_iter": [2, 3], "train.optim_g.lr": [1e-3, 5e-4]}
+    assert "train.optim_g.lr 0.001 -> 0.0005" in lines[-1]
+    recorded = [json.loads(line) for line in open(run / "out" / "config_changes.jsonl")]
+    assert recorded == [{"step": 2, "config": "config", "changes": trainer.config_changes}]
+
+
+def test_a_resumed_command_copies_its_own_config(run, capsys):
+    text = (f"manual_seed = 3\n[path]\noutput_dir = '{run / 'out'}'\n[datasets.train]\ndata_root = '{run / 'data'}'\n"
+            f"batch_size_per_gpu = 2\n[models.transformer_cfg]\nmodel_name = '{run / 'model'}'\n[train]\n")
+    path = write_toml(run / "run.toml", text + "total_iter = 1\n")
+    assert anyflow_main(["train", path]) == 0
+    write_toml(run / "run.toml", text + "total_iter = 2\n")
+    assert anyflow_main(["train", path]) == 0
+    assert "total_iter = 2" in (run / "out" / "config.toml").read_text()
+
+
+@pytest.mark.parametrize("case", ["the data folder", "inside the data folder", "a file"])
+def test_an_output_dir_that_cannot_hold_the_run_is_one_line_before_loading(run, case, monkeypatch):
+    import anyflow.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "_load", lambda *a, **k: pytest.fail("a model loaded before the check"))
+    out = {"the data folder": run / "data", "inside the data folder": run / "data" / "run", "a file": run / "file"}[case]
+    (run / "file").write_text("")
+    with pytest.raises(ValueError, match=r"path.output_dir .*(is the data folder|is a file)"):
+        Trainer(config_from_dict(tiny_config(run, path={"output_dir": str(out)})), say=quiet)
+
+
+def test_an_interrupted_run_says_its_checkpoint_is_kept(run, monkeypatch, capsys):
+    from anyflow.runtime.interrupts import Interrupted
+
+    def interrupt(self):
+        raise Interrupted(2)
+
+    monkeypatch.setattr(Trainer, "train", interrupt)
+    text = (f"[path]\noutput_dir = '{run / 'out'}'\n[datasets.train]\ndata_root = '{run / 'data'}'\n"
+            f"[models.transformer_cfg]\nmodel_name = '{run / 'model'}'\n")
+    assert anyflow_main(["train", write_toml(run / "run.toml", text)]) == 130
+    err = capsys.readouterr().err
+    assert "the last checkpoint is kept; the same command resumes from it" in err and "nothing was written" not in err

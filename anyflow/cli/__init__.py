@@ -53,7 +53,8 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"anyflow {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except Interrupted as stop:
-        print(f"anyflow {args.command}: interrupted ({stop}); nothing was written", file=sys.stderr)
+        print(f"anyflow {args.command}: interrupted ({stop}); {getattr(args, 'interrupted', 'nothing was written')}",
+              file=sys.stderr)
         if stop.abandoned:
             exit_now(stop.exit_code)
         return stop.exit_code

@@ -26,7 +26,7 @@ def add_command(commands) -> None:
         "in docs/TRAINING.md.",
     )
     train.add_argument("config", metavar="CONFIG", help="the run's .toml config")
-    train.set_defaults(run=run_train)
+    train.set_defaults(run=run_train, interrupted="the last checkpoint is kept; the same command resumes from it")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -40,7 +40,6 @@ def run_train(args: argparse.Namespace) -> int:
         try:
             trainer.train()
         except KeyboardInterrupt:
-            trainer.say(f"stopped at step {trainer.step}; the run resumes from its last checkpoint in "
-                        f"{config.path.output_dir}/checkpoints")
+            trainer.say(f"stopped at step {trainer.step}")
             raise
     return 0

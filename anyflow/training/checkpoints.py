@@ -69,6 +69,14 @@ class Checkpoints:
                 discard(partial)
         barrier()
 
+    def latest_name(self) -> Optional[str]:
+        """The folder ``latest`` names, or None before the first checkpoint."""
+        latest = os.path.join(self.folder, "latest")
+        if not os.path.isfile(latest):
+            return None
+        with open(latest) as f:
+            return os.path.join(self.folder, f.read().strip())
+
     def latest(self) -> Optional[Tuple[str, dict]]:
         """(folder, this process's state) of the checkpoint ``latest`` names; None when there is none."""
         latest = os.path.join(self.folder, "latest")

@@ -36,17 +36,25 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 # the authors' lora_config.target_module_name: self-attention q, k, v, o, the FFN, both time MLPs
 AUTHORS_LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ffn.net.0.proj", "ffn.net.2",
                         "delta_embedder", "time_embedder")
 STAGES = {"teacher": "stage 0, flow matching", "pretrain": "stage 1, the flow map",
           "onpolicy": "stage 2, on-policy distillation"}
+
+
+# What a run may change when it resumes from its checkpoint; every other key must stay as the run began.
+RESUMABLE_KEYS = ("name", "device", "path.output_dir", "train.total_iter", "train.optim_g.lr", "train.optim_d.lr",
+                  "train.max_grad_norm", "train.max_nonfinite_steps", "logger.print_freq", "logger.save_checkpoint_freq",
+                  "logger.keep_checkpoints", "models.transformer_cfg.enable_gradient_checkpoint",
+                  "models.real_cfg.enable_gradient_checkpoint", "models.discriminator_cfg.enable_gradient_checkpoint")
 
 
 class ConfigError(ValueError):
@@ -167,6 +175,7 @@ class TrainOptions:
     warmup_iter: int = 1000
     total_iter: int = 6000
     max_grad_norm: float = 1.0
+    max_nonfinite_steps: int = 0  # iterations whose loss or gradient norm is NaN or infinite that may be skipped
 
 
 @dataclass
@@ -199,6 +208,37 @@ class TrainingConfig:
     @property
     def stage(self) -> str:
         return self.train.train_pipeline
+
+
+def flat_config(config: TrainingConfig) -> Dict[str, Any]:
+    """Every key of ``config`` as dotted names (``train.optim_g.lr``) with plain values (lists for tuples)."""
+    flat: Dict[str, Any] = {}
+
+    def walk(value: Any, prefix: str) -> None:
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                if not f.metadata.get("internal"):
+                    walk(getattr(value, f.name), f"{prefix}{f.name}.")
+        else:
+            flat[prefix[:-1]] = list(value) if isinstance(value, (list, tuple)) else value
+
+    walk(config, "")
+    return flat
+
+
+def resume_changes(started: Mapping[str, Any], now: TrainingConfig, source: str, checkpoint: str) -> Dict[str, list]:
+    """The keys a resumed run changes ({key: [as begun, now]}) when each is one of :data:`RESUMABLE_KEYS`;
+    a :class:`ConfigError` listing the others (stage, models, LoRA, data, schedule, seed, ...) otherwise."""
+    current = flat_config(now)
+    changed = {key: [started.get(key), value] for key, value in current.items() if started.get(key) != value}
+    changed.update({key: [value, None] for key, value in started.items() if key not in current})
+    fixed = sorted(key for key in changed if key not in RESUMABLE_KEYS)
+    if fixed:
+        listed = "; ".join(f"{key} {json.dumps(changed[key][0])} -> {json.dumps(changed[key][1])}" for key in fixed)
+        raise ConfigError(f"{source}: the run in {checkpoint} began with other settings that cannot change when it "
+                          f"resumes: {listed}. Put them back, or start a new run in another path.output_dir "
+                          f"(what may change: {', '.join(RESUMABLE_KEYS)})")
+    return changed
 
 
 def load_config(path: str) -> TrainingConfig:
@@ -305,7 +345,8 @@ def _check_values(config: TrainingConfig, source: str) -> None:
                        ("models.dmd_cfg.dmd_batch_size", models.dmd_cfg.dmd_batch_size)):
         if value < 1:
             fail(key, f"must be at least 1, got {value}")
-    for key, value in (("train.warmup_iter", train.warmup_iter), ("train.ema_warmup_step", train.ema_warmup_step)):
+    for key, value in (("train.warmup_iter", train.warmup_iter), ("train.ema_warmup_step", train.ema_warmup_step),
+                       ("train.max_nonfinite_steps", train.max_nonfinite_steps)):
         if value < 0:
             fail(key, f"must be 0 or more, got {value}")
     for group in ("optim_g", "optim_d"):

@@ -10,6 +10,7 @@ norm of ``max_grad_norm``, AdamW, then the EMA (``ema_decay``; a plain copy for 
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Sequence
 
 import torch
@@ -92,8 +93,15 @@ class TrainedModel:
                                            weight_decay=options.weight_decay)
 
     def update(self, warmup: int, max_grad_norm: float) -> float:
-        """Clip, set the learning rate of this update and take it; the gradient norm before clipping."""
+        """Clip, set the learning rate of this update and take it; the gradient norm before clipping.
+
+        A non-finite norm (a NaN or infinite gradient) takes no update: the weights, the optimizer's
+        state and the schedule stay as they were, and the norm is returned for the caller to judge.
+        """
         norm = clip_gradients(list(self.named.values()), max_grad_norm)
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return norm
         for group in self.optimizer.param_groups:
             group["lr"] = self.options.lr * (min(1.0, self.updates / warmup) if warmup > 0 else 1.0)
         self.optimizer.step()

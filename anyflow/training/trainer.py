@@ -16,6 +16,7 @@ run (FSDP2 through :func:`anyflow.runtime.parallel.parallelize`) and the files a
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -28,7 +29,7 @@ from torch import nn
 from ..runtime.compute import duration
 from ..runtime.processes import Processes
 from .checkpoints import Checkpoints, barrier, write_atomically
-from .config import ModelOptions, TrainingConfig
+from .config import ModelOptions, TrainingConfig, flat_config, resume_changes
 from .data import BatchSchedule, LatentDataset
 from .lora import inject_lora, merged_state_dict, save_lora_adapter, train_only_lora
 from .loss_curve import MATPLOTLIB_HINT, can_draw, write_loss_curve
@@ -36,6 +37,30 @@ from .objectives.velocity import is_far
 from .optim import EMA, TrainedModel, local, mean_over_processes, sharded_like, whole
 
 LOG_FILE, CURVE_FILE = "train_log.jsonl", "loss.png"
+
+
+class NonFiniteTraining(ValueError):
+    """A loss or gradient norm was NaN or infinite more often than ``train.max_nonfinite_steps`` allows."""
+
+
+def check_output_dir(config: TrainingConfig) -> None:
+    """``path.output_dir`` can hold the run: not a file, not the data folder (or inside it), writable; named
+    in one line before anything loads."""
+    out, data = os.path.realpath(config.path.output_dir), os.path.realpath(config.datasets.train.data_root)
+    where = f"{config.source}: path.output_dir {config.path.output_dir}"
+    if out == data or out.startswith(data + os.sep):
+        raise ValueError(f"{where} is the data folder datasets.train.data_root (or inside it): the run would write "
+                         "into the dataset; give another folder")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"{where} is a file; give a folder (it is made if missing)")
+    probe = os.path.join(out, f".write-check-{os.getpid()}")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise ValueError(f"{where}: cannot write there ({exc.strerror})") from None
 
 
 class Trainer:
@@ -49,8 +74,14 @@ class Trainer:
         self.world, self.rank, self.mesh, self.device = processes.count, processes.rank, processes.mesh, processes.device
         self.say = say if self.rank == 0 else (lambda message: None)
         self.out = config.path.output_dir
+        check_output_dir(config)
         self.checkpoints = Checkpoints(self.out, self.rank, self.world, config.logger.keep_checkpoints)
+        resumed = self.checkpoints.latest()  # read first: a config the run cannot resume under is refused before loading
+        self.config_changes = {}
+        if resumed is not None and "config" in resumed[1]:  # (a checkpoint of an earlier release records none)
+            self.config_changes = resume_changes(resumed[1]["config"], config, config.source, resumed[0])
         self.step, self.batches = 0, 0  # iterations done, batches drawn
+        self.skipped = 0  # iterations whose loss or gradient norm was not finite (no update taken)
         self.draws = torch.Generator().manual_seed(config.manual_seed)
         self._objectives()
 
@@ -80,7 +111,7 @@ class Trainer:
             real = _load(models.real_cfg, self.device, torch.bfloat16 if config.mixed_precision else torch.float32)
             self.real_score = self._distribute(real.requires_grad_(False).eval())
             self.fake_score = self._trained("fake_score", models.discriminator_cfg, config.train.optim_d)
-        self._resume()
+        self._resume(resumed)
 
     # -- building ---------------------------------------------------------------------------------
 
@@ -134,6 +165,7 @@ class Trainer:
         while self.step < total:
             record = self.train_step()
             self._log(record)
+            self._check_finite(record)
             if self.step % self.config.logger.print_freq == 0 or self.step == total:
                 rate = (time.perf_counter() - started) / (self.step - first)
                 values = "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k.endswith(("loss", "grad_norm", "lr")))
@@ -239,8 +271,29 @@ class Trainer:
     def _update_generator(self) -> float:
         train = self.config.train
         norm = self.generator.update(train.warmup_iter, train.max_grad_norm)
-        self.ema.update(self.step)
+        if math.isfinite(norm):  # a skipped update leaves the average alone too
+            self.ema.update(self.step)
         return norm
+
+    def _check_finite(self, record: Dict[str, float]) -> None:
+        """Count an iteration whose losses or gradient norms are not finite (its updates were not taken); past
+        ``train.max_nonfinite_steps`` of them, stop with one line (the last checkpoint and nothing after it stays)."""
+        bad = [k for k, v in record.items() if k.endswith(("loss", "grad_norm")) and not math.isfinite(v)]
+        if not bad:
+            return
+        self.skipped += 1
+        allowed = self.config.train.max_nonfinite_steps
+        if self.skipped <= allowed:
+            self.say(f"step {self.step}: {', '.join(f'{k} {record[k]}' for k in bad)}: no update taken "
+                     f"({self.skipped} of the {allowed} train.max_nonfinite_steps allowed)")
+            return
+        latest = self.checkpoints.latest_name()
+        kept = f"the last good checkpoint, {latest}, is kept" if latest else "no checkpoint was written yet"
+        raise NonFiniteTraining(
+            f"step {self.step}: {', '.join(f'{k} {record[k]}' for k in bad)}: training stopped ({kept}; no weights "
+            f"were written). Likely causes: a learning rate too high (train.optim_g.lr = "
+            f"{self.config.train.optim_g.lr:g}), or NaN or infinite values in the data "
+            f"({self.config.datasets.train.data_root}); train.max_nonfinite_steps lets a run skip such steps")
 
     # -- the draws, identical on every process: each keeps its rows of the global batch -------------------
 
@@ -349,20 +402,22 @@ class Trainer:
             "optimizers": {m.name: optimizer_state(m.optimizer) for m in self._trained_models()},
             "updates": {m.name: m.updates for m in self._trained_models()},
             "ema": self.ema.shadow,
+            "config": flat_config(self.config),  # what a resumed run is compared with
         }
 
     def save_checkpoint(self) -> None:
         """Write the run's state to ``checkpoints/step_NNNNNN`` (every process its file), atomically."""
         self.checkpoints.save(self.step, self._state())
 
-    def _resume(self) -> None:
-        """Continue from ``checkpoints/latest`` when there is one; else start the output folder."""
-        found = self.checkpoints.latest()
+    def _resume(self, found) -> None:
+        """Continue from the checkpoint ``found`` ((folder, state), or None: a new run); either way the run's
+        config goes to ``config.toml``, and the settings a resumed run changed are recorded in ``config_changes.jsonl``."""
+        if self.rank == 0:
+            os.makedirs(self.out, exist_ok=True)
+            if os.path.isfile(self.config.source):
+                shutil.copyfile(self.config.source, os.path.join(self.out, "config.toml"))
         if found is None:
             if self.rank == 0:
-                os.makedirs(self.out, exist_ok=True)
-                if os.path.isfile(self.config.source):
-                    shutil.copyfile(self.config.source, os.path.join(self.out, "config.toml"))
                 write_atomically(os.path.join(self.out, LOG_FILE), "")
             barrier()
             return
@@ -382,7 +437,12 @@ class Trainer:
             lines = open(log).read().splitlines() if os.path.isfile(log) else []
             kept = [line for line in lines if line and json.loads(line)["step"] <= self.step]
             write_atomically(log, "".join(line + "\n" for line in kept))
-        self.say(f"resuming from {folder} (step {self.step})")
+            if self.config_changes:
+                with open(os.path.join(self.out, "config_changes.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": self.step, "config": self.config.source,
+                                        "changes": self.config_changes}) + "\n")
+        changes = "".join(f"; {k} {json.dumps(old)} -> {json.dumps(new)}" for k, (old, new) in self.config_changes.items())
+        self.say(f"resuming from {folder} (step {self.step}){changes}")
         barrier()
 
 
