@@ -9,7 +9,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..model.transformer import Context, PreparedContext
-from .checks import check_finite, check_model
+from .checks import FiniteWatch, check_finite, check_model
 from .schedule import TRAIN_TIMESTEPS, flow_map_sigmas, flow_map_step, steps_to_run
 
 
@@ -50,7 +50,8 @@ def sample(
 
     Returns:
         The latents (B, F, C, H, W) in the model's dtype, as diffusers' pipelines return them with
-        ``output_type="latent"`` (``anyflow sample`` stores them so too).
+        ``output_type="latent"`` (``anyflow sample`` stores them so too). Latents that became NaN or
+        infinite raise :class:`~anyflow.sampling.checks.NonFiniteLatents` naming the step and the likely cause.
     """
     check_model(model, far=False)
     schedule = flow_map_sigmas(num_steps, shift, sigmas)
@@ -71,7 +72,10 @@ def sample(
         context_latents = context_latents.to(device=device, dtype=dtype)
     copies = 2 if guided else 1
 
-    for i in steps_to_run(schedule):
+    steps = steps_to_run(schedule)
+    watch = FiniteWatch(model, dict(noise=noise, encoder_hidden_states=_tensor(encoder_hidden_states),
+                                    context_latents=context_latents))
+    for n, i in enumerate(steps):
         t = schedule[i] * TRAIN_TIMESTEPS
         r = schedule[i + 1] * TRAIN_TIMESTEPS
         if given:
@@ -86,11 +90,18 @@ def sample(
             uncond, cond = velocity.chunk(2)
             velocity = uncond + guidance_scale * (cond - uncond)
         latents = flow_map_step(latents, velocity, schedule, i)
+        watch.step(latents, f"step {n + 1} of {len(steps)} (t = {t.item():.1f} -> r = {r.item():.1f})")
         if callback is not None:
             callback(i, t.item(), latents)
+    watch.check()  # one wait for the device, at the end
     if given:
         latents[:, :given] = context_latents
     return latents
+
+
+def _tensor(context) -> Optional[torch.Tensor]:
+    """The embeddings of a context given as a tensor (None for a PreparedContext)."""
+    return context if isinstance(context, torch.Tensor) else None
 
 
 def _check_guidance(scale, positive, negative) -> bool:

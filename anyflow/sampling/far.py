@@ -9,7 +9,7 @@ import torch
 
 from ..model.config import check_chunk_partition
 from ..model.transformer import Context
-from .checks import check_finite, check_model
+from .checks import FiniteWatch, check_finite, check_model
 from .schedule import TRAIN_TIMESTEPS, flow_map_sigmas, flow_map_step, steps_to_run
 
 
@@ -52,7 +52,9 @@ def sample_far(
             given chunks included: a caller can decode and show a chunk while the next is made.
 
     Returns:
-        The latents (B, F, C, H, W) in the model's dtype (all frames, the given ones included).
+        The latents (B, F, C, H, W) in the model's dtype (all frames, the given ones included). Latents
+        that became NaN or infinite raise :class:`~anyflow.sampling.checks.NonFiniteLatents` naming the
+        chunk and step and the likely cause, before the chunk is handed to ``chunk_callback``.
     """
     check_model(model, far=True)
     schedule = flow_map_sigmas(num_steps, shift, sigmas)
@@ -76,17 +78,23 @@ def sample_far(
         if isinstance(context, torch.Tensor):
             context = model.prepare_context(context.to(device))  # checks the embeddings
         cache = None
+        watch = FiniteWatch(model, dict(noise=noise, encoder_hidden_states=encoder_hidden_states
+                                        if isinstance(encoder_hidden_states, torch.Tensor) else None,
+                                        context_latents=context_latents))
         for chunk, (start, stop) in enumerate(zip([0] + ends[:-1], ends)):
             if stop > given:
                 z = latents[:, start:stop]
-                for i in steps:
+                for n, i in enumerate(steps):
                     t = (schedule[i] * TRAIN_TIMESTEPS).item()
                     r = (schedule[i + 1] * TRAIN_TIMESTEPS).item() if use_mean_velocity else t
                     # (B, F_chunk) float32 timesteps filled in on the device: one compiled graph for every step
                     t_grid, r_grid = (torch.full(z.shape[:2], value, device=device) for value in (t, r))
                     z = flow_map_step(z, model.step(z, t_grid, r_grid, context, cache), schedule, i)
+                    watch.step(z, f"chunk {chunk + 1} of {len(partition)}, step {n + 1} of {len(steps)} "
+                                  f"(t = {t:.1f} -> r = {r:.1f})")
                     if callback is not None:
                         callback(chunk, i, t, z)
+                watch.check()  # once a chunk, before it is handed on or cached
                 latents[:, start:stop] = z
             if chunk_callback is not None:
                 chunk_callback(chunk, latents[:, start:stop])
