@@ -4,8 +4,10 @@ and removed on failure, the sampling checks and estimates of ``sample`` and ``ge
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
+import sys
 import time
 from typing import List, Optional
 
@@ -23,6 +25,14 @@ OFFLOAD_HELP = ("keep the DiT blocks' weights in host memory (pinned) and copy e
 PIXEL_RULE = ("a multiple of 16 (8 x the patch 2) for the bidirectional models, of 32 (8 x the compressed patch 4) "
               "for the FAR ones; the checkpoint's own patches decide and are checked before it loads")
 STEPS_HELP = f"number of steps, 1 to {TRAIN_TIMESTEPS} (the models' timestep grid; default 4)"
+DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when available, else cpu)"
+SEED_HELP = "seed of the initial noise, 0 to 2^64 - 1 (default 0); the same seed draws the same noise on any device"
+SIGMAS_HELP = ("custom strictly decreasing base noise levels in [0, 1]; they are shifted like the default schedule (add "
+               "--shift 1 to use them as given), a terminal 0 is appended, and they replace --steps")
+LORA_HELP = ("scaled by SCALE (default 1); repeatable. Formats: diffusers / PEFT, Wan2.1 original / ComfyUI (with .diff / "
+             ".diff_b), musubi-tuner (.safetensors, or .pt loaded with weights_only)")
+LORA_SKIP_HELP = ("leave out adapter modules this model does not have (for example the image cross-attention k_img / "
+                  "v_img of an image-to-video LoRA) instead of refusing the adapter")
 WEIGHT_DTYPE_HELP = ("hold the blocks' linear weights in float8 e4m3 with a float32 scale per row (half the bytes of "
                      "bfloat16; they compute in --dtype; docs/FP8.md); default: the checkpoint's (--dtype, or float8 "
                      "for a checkpoint written by anyflow-convert --dtype float8_e4m3fn)")
@@ -59,26 +69,25 @@ def inside(path: str, folder: str) -> bool:
     return os.path.realpath(path).startswith(folder)
 
 
-def check_output_path(out: str, force: bool, inputs: List[tuple]) -> None:
-    """Refuse an --out that is a folder, lies in no folder, exists (without --force) or is an input.
+def check_output_path(out: str, force: bool, inputs: List[tuple], argument: str = "--out") -> None:
+    """Refuse an output file (the option ``argument``) that is a folder, lies in no folder, exists (without
+    --force) or is an input.
 
     ``inputs`` are (argument, path) pairs; a folder input (a checkpoint folder) protects all it holds.
     """
-    for argument, path in inputs:
+    named = f"{argument} {out}"
+    for option, path in inputs:
         if path and same_file(out, path):
-            raise ValueError(f"--out {out}: is the input {argument} {path}; --force never replaces an input")
+            raise ValueError(f"{named}: is the input {option} {path}; --force never replaces an input")
         if path and os.path.isdir(path) and inside(out, path):
-            raise ValueError(f"--out {out}: is inside the input {argument} {path}; --force never replaces an input")
+            raise ValueError(f"{named}: is inside the input {option} {path}; --force never replaces an input")
     if os.path.isdir(out):
-        raise ValueError(f"--out {out}: is a folder; give a file name, for example {os.path.join(out, 'latents.safetensors')}")
+        raise ValueError(f"{named}: is a folder; give a file name, for example {os.path.join(out, 'latents.safetensors')}")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
-        raise ValueError(f"--out {out}: the folder {parent} does not exist")
+        raise ValueError(f"{named}: the folder {parent} does not exist")
     if os.path.lexists(out) and not force:
-        raise ValueError(f"--out {out}: already exists; pass --force to replace it")
-
-
-CLI_NAMES = ("--frames", "--height", "--width")
+        raise ValueError(f"{named}: already exists; pass --force to replace it")
 
 
 def estimate_sampling_run(args: argparse.Namespace, checkpoint, noise_shape: tuple, text_tokens: int,
@@ -130,12 +139,20 @@ def check_chunks(args: argparse.Namespace, config, frames: int) -> Optional[tupl
         raise ValueError(f"{exc} (--frames {args.frames}); give a --chunk-partition that sums to {frames}") from None
 
 
+def loaded_details(args: argparse.Namespace, adapters: List[tuple]) -> str:
+    """What a "loaded" line adds after the dtype: float8 weights, block offload, compiling, LoRA merged."""
+    return ((f", {args.weight_dtype} block weights" if getattr(args, "weight_dtype", None) else "")
+            + (", DiT blocks offloaded to host memory" if getattr(args, "offload", None) else "")
+            + (", DiT blocks compiled on first use" if getattr(args, "compile", False) else "")
+            + "".join(f", LoRA {path} x {scale:g} merged" for path, scale in adapters))
+
+
 class ClaimedOutput:
     """The output file, claimed before the expensive part: a hidden partial file in the target folder
     (which proves it writable), renamed onto the target when complete and removed otherwise. Partial
     files that dead processes left for the same target are removed first."""
 
-    def __init__(self, out: str):
+    def __init__(self, out: str, argument: str = "--out"):
         from weights_convert.partials import partial_path, remove_stale
 
         self.out = out
@@ -144,7 +161,7 @@ class ClaimedOutput:
             self.partial = partial_path(out)
             os.close(os.open(self.partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
         except OSError as exc:
-            raise ValueError(f"--out {out}: cannot write in {os.path.dirname(os.path.abspath(out))}: "
+            raise ValueError(f"{argument} {out}: cannot write in {os.path.dirname(os.path.abspath(out))}: "
                              f"{exc.strerror}") from None
 
     def __enter__(self) -> "ClaimedOutput":
@@ -167,16 +184,40 @@ class ClaimedOutput:
 
 
 class Progress:
-    """One line per step: which, the timesteps, its seconds, elapsed and an estimate of what is left."""
+    """The steps of a run as they go: a progress bar in a terminal (tqdm), one line per step otherwise (which
+    step, the timesteps, its seconds, elapsed, and what is left, estimated from the steps after the first: the
+    first may include compiling). :meth:`note` prints a line without breaking the bar."""
 
     def __init__(self, total: int, say=print):
         self.total, self.done, self.say = total, 0, say
         self.started = self.last = time.perf_counter()
+        self.first_done: Optional[float] = None  # when the first step ended
+        self.bar = None
+        if say is print and sys.stdout.isatty() and importlib.util.find_spec("tqdm") is not None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
 
     def step(self, where: str, t: float, r: float) -> None:
         now = time.perf_counter()
         self.done += 1
-        left = (now - self.started) / self.done * (self.total - self.done)
-        self.say(f"  {where + ': ' if where else ''}step {self.done}/{self.total}: t = {t:7.2f} -> r = {r:7.2f}  "
-                 f"{now - self.last:.2f} s  (elapsed {now - self.started:.1f} s, about {left:.1f} s left)")
+        if self.first_done is None:
+            self.first_done = now
+        left = (now - self.first_done) / (self.done - 1) * (self.total - self.done) if self.done > 1 else None
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{where + ', ' if where else ''}t {t:.0f} -> {r:.0f}", refresh=False)
+            self.bar.update(1)
+            if self.done == self.total:
+                self.bar.close()
+        else:
+            estimate = f", about {left:.1f} s left" if left is not None else ""
+            self.say(f"  {where + ': ' if where else ''}step {self.done}/{self.total}: t = {t:7.2f} -> r = {r:7.2f}  "
+                     f"{now - self.last:.2f} s  (elapsed {now - self.started:.1f} s{estimate})")
         self.last = now
+
+    def note(self, message: str) -> None:
+        """A line between the steps (above the bar in a terminal)."""
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            self.say(message)

@@ -18,10 +18,12 @@ from dataclasses import replace
 from itertools import accumulate
 
 from ..model.parameters import FLOAT8_NAME
+from ..pipeline.video_io import MAX_FPS, MAX_GIF_FPS
 from ..runtime.video_shape import check_grid, latent_shape
 from .common import (
-    CLI_NAMES, DTYPE_CHOICES, LATENTS_KEY, OFFLOAD_HELP, PIXEL_RULE, STEPS_HELP, WEIGHT_DTYPE_HELP, ClaimedOutput,
-    Progress, check_chunks, check_output_path, estimate_sampling_run, format_count, seed_number,
+    CLI_NAMES, DEVICE_HELP, DTYPE_CHOICES, LATENTS_KEY, LORA_HELP, LORA_SKIP_HELP, OFFLOAD_HELP, PIXEL_RULE,
+    SEED_HELP, SIGMAS_HELP, STEPS_HELP, WEIGHT_DTYPE_HELP, ClaimedOutput, Progress, check_chunks, check_output_path,
+    estimate_sampling_run, format_count, loaded_details, seed_number,
 )
 
 VIDEO_EXTENSIONS = (".mp4", ".gif", ".png", ".webp")
@@ -40,7 +42,7 @@ def add_command(commands) -> None:
     )
     generate.add_argument("--model", required=True, metavar="SNAPSHOT", help="pipeline snapshot folder")
     generate.add_argument("--prompt", required=True, help="the text prompt")
-    generate.add_argument("--negative-prompt", help="negative prompt (with --guidance-scale > 1)")
+    generate.add_argument("--negative-prompt", help="negative prompt (used with --guidance-scale > 1 only)")
     generate.add_argument("--image", metavar="FILE", help="start the video with this image (its size must be "
                           "--width x --height): image-to-video")
     generate.add_argument("--video", metavar="FILE", help="start the video with the first 4k + 1 frames of this clip "
@@ -50,27 +52,29 @@ def add_command(commands) -> None:
     generate.add_argument("--width", type=int, default=832, help=f"pixels (default 832): {PIXEL_RULE}")
     generate.add_argument("--steps", type=int, default=4, help=STEPS_HELP)
     generate.add_argument("--shift", type=float, help="schedule shift (default: the snapshot's scheduler, 5)")
-    generate.add_argument("--sigmas", type=float, nargs="+", metavar="SIGMA",
-                          help="custom strictly decreasing base noise levels in [0, 1]; they replace --steps")
+    generate.add_argument("--sigmas", type=float, nargs="+", metavar="SIGMA", help=SIGMAS_HELP)
     generate.add_argument("--guidance-scale", type=float, default=1.0,
                           help="classifier-free guidance (default 1: off; the released weights need none)")
     generate.add_argument("--chunk-partition", type=int, nargs="+", metavar="N",
                           help="FAR snapshots: latent frames of each chunk (default the checkpoint's)")
-    generate.add_argument("--seed", type=seed_number, default=0, help="seed of the initial noise, as anyflow sample's")
+    generate.add_argument("--seed", type=seed_number, default=0, help=SEED_HELP)
     generate.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                           help="transformer and text encoder dtype; auto = float32 on CPU, bfloat16 on CUDA "
                           "(float16 on GPUs before Ampere, which have no bfloat16 units) "
                           "(the VAE runs in float32)")
     generate.add_argument("--weight-dtype", choices=(FLOAT8_NAME,), default=None,
                           help=f"the transformer's: {WEIGHT_DTYPE_HELP}")
-    generate.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    generate.add_argument("--device", default=None, help=DEVICE_HELP)
     generate.add_argument("--compile", action="store_true",
                           help="compile the transformer's DiT blocks with torch.compile (the first step takes longer)")
     generate.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                          help="merge a LoRA adapter into the transformer when it loads; repeatable")
+                          help=f"merge a LoRA adapter into the transformer when it loads, {LORA_HELP}")
+    generate.add_argument("--lora-skip-unknown", action="store_true", help=LORA_SKIP_HELP)
     generate.add_argument("--offload", action="store_const", const="blocks", default=None,
                           help=f"block offload of the transformer: {OFFLOAD_HELP}")
-    generate.add_argument("--fps", type=float, default=16.0, help="frames per second of the file (default 16, Wan's)")
+    generate.add_argument("--fps", type=float, default=16.0,
+                          help=f"frames per second of the file, above 0 and at most {MAX_FPS:g} (.gif: {MAX_GIF_FPS:g}; "
+                          "default 16, Wan's)")
     generate.add_argument("--out", required=True, metavar="FILE",
                           help=f"the video: {', '.join(VIDEO_EXTENSIONS)} (H.264 mp4, GIF, animated PNG, animated WebP)")
     generate.add_argument("--save-latents", metavar="FILE", help="also write the latents (diffusers layout) to this "
@@ -97,7 +101,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from ..model.config import AnyFlowFARConfig
     from ..pipeline.snapshot import check_components, component_sizes, read_snapshot
-    from ..pipeline.video_io import VideoWriter, to_uint8, video_format
+    from ..pipeline.video_io import VideoWriter, check_fps, to_uint8, video_format
     from ..pipeline.video_pipeline import VideoPipeline
     from ..runtime.compute import duration, estimate_far_sampling_compute, estimate_sampling_compute, measure_matmul_rate
     from ..runtime.devices import dtype_warning, resolve_device, resolve_dtype
@@ -118,13 +122,11 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.save_latents:
         if not args.save_latents.endswith(".safetensors"):
             raise ValueError(f"--save-latents {args.save_latents}: latents are written as a .safetensors file")
-        check_output_path(args.save_latents, args.force, inputs + [("--out", args.out)])
+        check_output_path(args.save_latents, args.force, inputs + [("--out", args.out)], "--save-latents")
     frames, h, w = latent_shape(args.frames, args.height, args.width, CLI_NAMES)
-    for name, value in (("--guidance-scale", args.guidance_scale), ("--fps", args.fps)):
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value}")
-    if args.fps <= 0:
-        raise ValueError(f"--fps must be positive, got {args.fps}")
+    if not math.isfinite(args.guidance_scale):
+        raise ValueError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
+    check_fps(args.fps, args.out, "--fps")
     if args.shift is not None and not (math.isfinite(args.shift) and args.shift > 0):
         raise ValueError(f"--shift must be a positive finite number, got {args.shift}")
     if not (math.isfinite(args.max_hours) and args.max_hours >= 0):
@@ -133,8 +135,12 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError("--image and --video: give one of them")
     if args.guidance_scale > 1 and args.negative_prompt is None:
         raise ValueError(f"--guidance-scale {args.guidance_scale} needs --negative-prompt")
+    if args.negative_prompt is not None and args.guidance_scale <= 1:
+        raise ValueError("--negative-prompt is used only with --guidance-scale > 1 (classifier-free guidance); give both "
+                         "or neither")
+    if args.lora_skip_unknown and not adapters:
+        raise ValueError("--lora-skip-unknown: no --lora given")
     snapshot = read_snapshot(args.model)
-    check_components(snapshot)
     shift = snapshot.shift if args.shift is None else args.shift
     try:
         schedule = flow_map_sigmas(args.steps, shift, args.sigmas)
@@ -146,10 +152,11 @@ def run_generate(args: argparse.Namespace) -> int:
         print(dtype_warning(device, dtype), flush=True)
     transformer = open_checkpoint(snapshot.folder("transformer"))  # headers only
     try:
-        apply_adapters(transformer.tensors, adapters, False)
+        apply_adapters(transformer.tensors, adapters, args.lora_skip_unknown)
     except ValueError as exc:
         raise ValueError(f"--lora: {exc}") from None
     config = transformer.config
+    check_components(snapshot, config)
     check_grid(config, args.frames, args.height, args.width, CLI_NAMES)
     far = isinstance(config, AnyFlowFARConfig)
     given = None
@@ -161,6 +168,17 @@ def run_generate(args: argparse.Namespace) -> int:
                 seed=args.seed, chunk_partition=args.chunk_partition,
                 image=given if args.image else None, video=given if args.video else None)
     partition = check_chunks(args, config, frames)
+    given_latents = 0 if given is None else 1 if args.image else (given.shape[0] - 1) // 4 + 1
+    if given_latents >= frames:
+        raise ValueError(f"--video {args.video}: its first {given.shape[0]} frames fill the whole video (--frames "
+                         f"{args.frames}): nothing would be generated; give more --frames")
+    if far and given_latents:
+        from ..sampling.far import check_given_frames
+
+        try:
+            check_given_frames(torch.zeros(1, given_latents, 1, 1, 1), (1, frames, 1, 1, 1), partition)
+        except ValueError as exc:
+            raise ValueError(f"{'--image' if args.image else '--video'}: {exc}") from None
 
     steps = len(steps_to_run(schedule))
     noise_shape = (1, frames, config.in_channels, h, w)
@@ -175,7 +193,6 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--frames {args.frames} --height {args.height} --width {args.width}: the run needs about "
                          f"{gib(memory.peak)} at its peak ({memory.peak_stage}) but {device} has {gib(free)} available; "
                          "use fewer frames or pixels")
-    given_latents = 0 if given is None else 1 if args.image else (given.shape[0] - 1) // 4 + 1
     compute = (estimate_far_sampling_compute(config, noise_shape, TEXT_TOKENS, steps, partition, given_latents) if far
                else estimate_sampling_compute(config, noise_shape, TEXT_TOKENS, steps, guided))
     compute = replace(compute, rate=measure_matmul_rate(device, dtype, config.hidden_size))
@@ -187,16 +204,18 @@ def run_generate(args: argparse.Namespace) -> int:
                          "(0 turns the check off)")
 
     # ---- the run ----------------------------------------------------------------------------------
-    latents_claim = ClaimedOutput(args.save_latents) if args.save_latents else contextlib.nullcontext()
+    latents_claim = ClaimedOutput(args.save_latents, "--save-latents") if args.save_latents else contextlib.nullcontext()
     with ClaimedOutput(args.out) as video_out, latents_claim as latents_out:
         start = time.perf_counter()
         pipeline = VideoPipeline.from_pretrained(args.model, dtype=dtype, device=device, lora=adapters,
-                                                 offload=args.offload, weight_dtype=args.weight_dtype)
+                                                 lora_skip_unknown=args.lora_skip_unknown, offload=args.offload,
+                                                 weight_dtype=args.weight_dtype)
         if args.compile:
             pipeline.transformer.compile_blocks()
         print(f"loaded {args.model}: {'FAR' if far else 'bidirectional'} transformer "
-              f"({format_count(sum(p.numel() for p in pipeline.transformer.parameters()))} parameters, {dtype}), VAE, "
-              f"tokenizer on {device} in {time.perf_counter() - start:.1f} s", flush=True)
+              f"({format_count(sum(p.numel() for p in pipeline.transformer.parameters()))} parameters, {dtype}"
+              + loaded_details(args, adapters) + f"), VAE, tokenizer on {device} in {time.perf_counter() - start:.1f} s",
+              flush=True)
         stage = time.perf_counter()
         text = pipeline.encode_prompt([args.prompt] + ([args.negative_prompt] if guided else []))
         text, negative = (text[:1], text[1:]) if guided else (text, None)
@@ -214,8 +233,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
         def on_frames(frames):
             writer.write(to_uint8(frames[0]))
-            print(f"  decoded frames {writer.frames - frames.shape[1] + 1}-{writer.frames} and appended them to the "
-                  f"video in {time.perf_counter() - kept.get('decode from', time.perf_counter()):.1f} s", flush=True)
+            progress.note(f"  decoded frames {writer.frames - frames.shape[1] + 1}-{writer.frames} and appended them to "
+                          f"the video in {time.perf_counter() - kept.get('decode from', time.perf_counter()):.1f} s")
             progress.last = time.perf_counter()  # the next step's time leaves the decoding out
 
         try:

@@ -21,9 +21,9 @@ from typing import List, Optional
 from ..model.parameters import FLOAT8_NAME
 from ..runtime.video_shape import check_grid, latent_shape
 from .common import (
-    CLI_NAMES, DTYPE_CHOICES, LATENTS_KEY, NEGATIVE_KEY, OFFLOAD_HELP, PIXEL_RULE, PROMPT_KEY, STEPS_HELP,
-    WEIGHT_DTYPE_HELP, ClaimedOutput, Progress, check_chunks, check_output_path, estimate_sampling_run, format_count,
-    seed_number,
+    CLI_NAMES, DEVICE_HELP, DTYPE_CHOICES, LATENTS_KEY, LORA_HELP, LORA_SKIP_HELP, NEGATIVE_KEY, OFFLOAD_HELP,
+    PIXEL_RULE, PROMPT_KEY, SEED_HELP, SIGMAS_HELP, STEPS_HELP, WEIGHT_DTYPE_HELP, ClaimedOutput, Progress,
+    check_chunks, check_output_path, estimate_sampling_run, format_count, loaded_details, seed_number,
 )
 
 
@@ -42,23 +42,16 @@ def add_command(commands) -> None:
                         help="checkpoint: our layout, a Hub snapshot or its transformer/ folder, a .safetensors, "
                         "an authors' .pt, a Wan2.1 base (anything from_pretrained takes)")
     sample.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                        help="merge a LoRA adapter into the model when it is loaded, scaled by SCALE (default 1); "
-                        "repeatable. Formats: diffusers / PEFT, Wan2.1 original / ComfyUI (with .diff / .diff_b), "
-                        "musubi-tuner (.safetensors, or .pt loaded with weights_only)")
-    sample.add_argument("--lora-skip-unknown", action="store_true",
-                        help="leave out adapter modules this model does not have (for example the image "
-                        "cross-attention k_img / v_img of an image-to-video LoRA) instead of refusing the adapter")
+                        help=f"merge a LoRA adapter into the model when it is loaded, {LORA_HELP}")
+    sample.add_argument("--lora-skip-unknown", action="store_true", help=LORA_SKIP_HELP)
     sample.add_argument("--prompt-embeds", required=True, metavar="FILE",
                         help=f"safetensors file with UMT5 embeddings (B, S, 4096) under '{PROMPT_KEY}'")
     sample.add_argument("--negative-embeds", metavar="FILE",
                         help=f"safetensors file with the negative prompt's embeddings under '{NEGATIVE_KEY}' "
-                        "(needed when --guidance-scale > 1)")
+                        "(with --guidance-scale > 1 only)")
     sample.add_argument("--steps", type=int, default=4, help=STEPS_HELP)
     sample.add_argument("--shift", type=float, default=5.0, help="schedule shift (default 5, as the released models)")
-    sample.add_argument("--sigmas", type=float, nargs="+", metavar="SIGMA",
-                        help="custom strictly decreasing base noise levels in [0, 1]; they are shifted like the "
-                        "default schedule (add --shift 1 to use them as given), a terminal 0 is appended, and "
-                        "they replace --steps")
+    sample.add_argument("--sigmas", type=float, nargs="+", metavar="SIGMA", help=SIGMAS_HELP)
     sample.add_argument("--guidance-scale", type=float, default=1.0,
                         help="classifier-free guidance (default 1: off; the released weights need none)")
     sample.add_argument("--raw-euler", action="store_true", help="plain Euler steps (r = t) instead of flow-map steps")
@@ -72,12 +65,12 @@ def add_command(commands) -> None:
     sample.add_argument("--frames", type=int, default=81, help="video frames, 4k + 1 (default 81)")
     sample.add_argument("--height", type=int, default=480, help=f"pixels (default 480): {PIXEL_RULE}")
     sample.add_argument("--width", type=int, default=832, help=f"pixels (default 832): {PIXEL_RULE}")
-    sample.add_argument("--seed", type=seed_number, default=0, help="seed of the initial noise, 0 to 2^64 - 1 (default 0)")
+    sample.add_argument("--seed", type=seed_number, default=0, help=SEED_HELP)
     sample.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                         help="model dtype; auto = float32 on CPU, bfloat16 on CUDA (float16 on GPUs before "
                         "Ampere, which have no bfloat16 units)")
     sample.add_argument("--weight-dtype", choices=(FLOAT8_NAME,), default=None, help=WEIGHT_DTYPE_HELP)
-    sample.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    sample.add_argument("--device", default=None, help=DEVICE_HELP)
     sample.add_argument("--compile", action="store_true",
                         help="compile the DiT blocks with torch.compile (one graph for every block and step; the first "
                         "step takes longer, one process only)")
@@ -197,6 +190,9 @@ def check_sample_run(args: argparse.Namespace, processes) -> SampleRun:
     partition = check_chunks(args, config, frames)
     text = read_embeddings("--prompt-embeds", args.prompt_embeds, PROMPT_KEY, config.text_dim)
     negative = None
+    if args.negative_embeds and not guided:
+        raise ValueError("--negative-embeds is used only with --guidance-scale > 1 (classifier-free guidance); give both "
+                         "or neither")
     if guided and not args.negative_embeds:
         raise ValueError(f"--guidance-scale {args.guidance_scale} needs --negative-embeds (the negative prompt's embeddings)")
     if guided:
@@ -306,13 +302,10 @@ def sample_in(processes, args: argparse.Namespace) -> int:
                                   shard_weights=args.shard_weights, sequence_parallel=args.sequence_parallel, **lora)
         if args.compile:
             model.compile_blocks()
-        merged = "".join(f", LoRA {path} x {scale:g} merged" for path, scale in run.adapters)
         processes.say(f"loaded {args.model} ({format_count(sum(p.numel() for p in model.parameters()))} parameters, "
-                      f"{run.dtype}, {run.device}"
-                      + (", DiT blocks offloaded to host memory" if args.offload else "")
-                      + (", DiT blocks compiled on first use" if args.compile else "")
+                      f"{run.dtype}, {run.device}" + loaded_details(args, run.adapters)
                       + (f", {processes.count} processes" if processes.count > 1 else "")
-                      + f"{merged}) in {time.perf_counter() - start:.1f} s")
+                      + f") in {time.perf_counter() - start:.1f} s")
         noise = torch.randn(run.noise_shape, generator=torch.Generator().manual_seed(args.seed))
         common = dict(num_steps=args.steps, sigmas=args.sigmas, shift=args.shift, use_mean_velocity=not args.raw_euler,
                       context_latents=run.given)

@@ -28,6 +28,8 @@ FORMATS = {
     ".webp": ("webp", "libwebp_anim", "yuv420p"),
 }
 INSTALL = 'pip install av (or the video extra: pip install -e ".[video]")'
+MAX_FPS = 240.0  # above, no player shows the frames
+MAX_GIF_FPS = 50.0  # GIF frame delays are whole hundredths of a second, and players slow delays under 2 to 10
 
 
 def _av():
@@ -46,6 +48,15 @@ def video_format(path: str):
     return FORMATS[extension]
 
 
+def check_fps(fps: float, path: str, argument: str = "fps") -> None:
+    """A frame rate the file at ``path`` can hold: finite, above 0 and at most :data:`MAX_FPS` (a GIF:
+    :data:`MAX_GIF_FPS`); a ValueError naming ``argument`` otherwise."""
+    limit = MAX_GIF_FPS if path.lower().endswith(".gif") else MAX_FPS
+    if not (isinstance(fps, (int, float)) and 0 < fps <= limit):
+        kind = "a GIF's frame delays are whole hundredths of a second" if limit == MAX_GIF_FPS else "no player shows more"
+        raise ValueError(f"{argument} {fps}: frames per second must be above 0 and at most {limit:g} for {path} ({kind})")
+
+
 class VideoWriter:
     """Frames appended to a video file as they come: ``write(frames)`` any number of times, then ``close()``.
 
@@ -56,6 +67,7 @@ class VideoWriter:
     def __init__(self, path: str, width: int, height: int, fps: float = 16, extension_of: Optional[str] = None):
         av = _av()
         container, codec, pixel_format = video_format(extension_of or path)
+        check_fps(fps, extension_of or path)
         if codec == "libx264" and (width % 2 or height % 2):
             raise ValueError(f"{extension_of or path}: H.264 needs an even width and height, got {width}x{height}")
         self.frames = 0

@@ -30,7 +30,7 @@ from ..runtime.video_shape import check_grid, latent_shape
 from ..sampling.bidirectional import sample
 from ..sampling.far import sample_far
 from ..sampling.schedule import flow_map_sigmas, steps_to_run
-from .snapshot import Snapshot, read_snapshot
+from .snapshot import Snapshot, check_components, read_snapshot
 
 Frames = Union[torch.Tensor, "numpy.ndarray"]  # noqa: F821
 
@@ -69,12 +69,13 @@ class VideoPipeline:
         ("float8_e4m3fn": the transformer's block linear weights held in scaled float8, :mod:`anyflow.runtime.fp8`).
         """
         from ..pretrained import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel
-        from ..text.tokenizer import load_tokenizer
         from ..vae import WanVAE
+
+        from weights_convert.sources import open_checkpoint
 
         device = resolve_device(device)
         snapshot = read_snapshot(path)
-        tokenizer = load_tokenizer(snapshot.folder("tokenizer"))
+        tokenizer = check_components(snapshot, open_checkpoint(snapshot.folder("transformer")).config)  # headers only
         model_class = AnyFlowFARTransformer3DModel if snapshot.far else AnyFlowTransformer3DModel
         transformer = model_class.from_pretrained(snapshot.folder("transformer"), dtype=dtype, device=device, lora=lora,
                                                   lora_skip_unknown=lora_skip_unknown, offload=offload,

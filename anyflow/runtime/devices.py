@@ -34,7 +34,9 @@ def resolve_device(device: Optional[Union[str, torch.device]], argument: str = "
     elif resolved.type == "mps":
         if not torch.backends.mps.is_available():
             raise ValueError(f"{named}: MPS is not available here; use 'cpu'")
-    elif resolved.type not in ("cpu", "meta"):
+    elif resolved.type == "meta":
+        raise ValueError(f"{named}: the meta device holds shapes, not values, so nothing can run on it; use {SUPPORTED}")
+    elif resolved.type != "cpu":
         raise ValueError(f"{named}: {resolved.type} is not supported; use {SUPPORTED}")
     return resolved
 
