@@ -20,7 +20,8 @@ The exit status is 1 when a section failed or a figure missed its bar.
 8. parallel: ``load_parallel`` on one rank (NCCL on CUDA, gloo on the CPU) against ``from_pretrained``.
 
 Memory figures are CUDA allocator peaks above what was allocated before; on the CPU they are not
-measured ("-"). Needs the test extra (diffusers, the oracle).
+measured ("-"). Needs the test extra (diffusers, the oracle: ``pip install -e ".[test]"``); without it, it
+says so in one line and exits 2 before doing anything else.
 """
 
 from __future__ import annotations
@@ -473,6 +474,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--compile-backend", default=None,
                         help="torch.compile backend (default inductor; eager with --small on the CPU)")
     args = parser.parse_args(argv)
+    try:
+        import diffusers  # noqa: F401  (the oracle every section but the smoke one compares with)
+    except ImportError:
+        print(f"{os.path.basename(__file__)} needs the test extra (diffusers, the oracle it compares with): "
+              'pip install -e ".[test]"', file=sys.stderr)
+        return 2
     device = torch.device(args.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():

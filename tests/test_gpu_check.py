@@ -40,3 +40,23 @@ def test_the_gpu_check_refuses_cuda_without_a_gpu():
     done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py")], capture_output=True,
                           text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 2 and "--device cuda: no CUDA GPU here; use --device cpu --small" in done.stderr
+
+
+# importing diffusers raises ImportError, as when the test extra is not installed; then the script runs as a script
+WITHOUT_DIFFUSERS = (
+    "import runpy, sys\n"
+    "sys.modules['diffusers'] = None\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
+
+
+def test_without_diffusers_the_gpu_check_says_it_needs_the_test_extra(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "GPU.md"
+    done = subprocess.run([sys.executable, "-c", WITHOUT_DIFFUSERS, os.path.join(ROOT, "scripts", "gpu_check.py"),
+                           "--device", "cpu", "--small", "--out", str(out), "--workdir", str(work)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == ('gpu_check.py needs the test extra (diffusers, the oracle it compares with): '
+                           'pip install -e ".[test]"\n')
+    assert done.stdout == "" and not work.exists() and not out.exists()  # nothing done before the line
