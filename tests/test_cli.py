@@ -319,6 +319,8 @@ def test_sample_on_a_far_checkpoint_goes_chunk_by_chunk(tmp_path, embeddings, ca
 @pytest.mark.parametrize("extra,message", [
     (["--chunk-partition", "1", "2"], r"--chunk-partition \[1, 2\] sums to 3 latent frames, the video has 7 "
                                       r"\(--frames 25\); give a --chunk-partition that sums to 7"),
+    (["--frames", "9"], r"--frames 9: 3 latent frames, but the checkpoint's chunks \[1, 2, 2, 2\] \(its "
+                        r"chunk_partition\) make 7 \(--frames 25\); give that --frames, or a --chunk-partition"),
     (["--guidance-scale", "2"], r"--guidance-scale 2.0: the FAR sampler runs without guidance"),
     (["--context-latents", "{two_frames}"], r"--context-latents .*: context_latents gives 2 frames, which do not fill "
                                             r"whole chunks"),

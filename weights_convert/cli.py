@@ -12,9 +12,9 @@ from anyflow.model.parameters import DTYPE_NAMES, FLOAT8_NAME
 from .names import FORMATS
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "anyflow-convert") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="anyflow-convert",
+        prog=prog,
         description="Convert an AnyFlow (bidirectional or FAR) or Wan2.1 checkpoint (Hub diffusers snapshot, "
         "transformer folder, single or sharded safetensors, authors' .pt, Wan2.1 base) into the anyflow layout, or back to "
         "diffusers. Streams one tensor at a time, verifies what it wrote, and never touches SRC.",
@@ -46,12 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+def main(argv: Optional[List[str]] = None, prog: str = "anyflow-convert") -> int:
+    """``anyflow-convert`` (also ``anyflow convert``, with ``prog`` "anyflow convert"): its exit code."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.lora_skip_unknown and not args.lora:
         parser.error("--lora-skip-unknown: no --lora given")
-    from anyflow.runtime.interrupts import Interrupted, exit_now, run_interruptibly, signals_raise_interrupted
+    from anyflow.runtime.interrupts import Interrupted, exit_now, reader_gone, run_interruptibly, signals_raise_interrupted
 
     from .configs import describe_keys
     from .conversion import convert
@@ -67,15 +68,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                 args.src, args.out, from_format=args.from_format, to=args.to, dtype=args.dtype,
                 max_shard_size=args.max_shard_size, config_path=args.config_path, force=args.force, progress=sys.stderr,
                 far=args.far, lora=adapters, lora_skip_unknown=args.lora_skip_unknown), cleanup=remove_registered)
+    except BrokenPipeError:  # the reader of the progress went away: end quietly, as Unix tools do
+        return reader_gone()
     except OutputExistsError as exc:
-        print(f"anyflow-convert: error: {exc.out}: already exists; pass --force to replace it (it is replaced only "
+        print(f"{prog}: error: {exc.out}: already exists; pass --force to replace it (it is replaced only "
               "after success)", file=sys.stderr)
         return 1
     except (ValueError, OSError) as exc:  # CheckpointError and KeyMismatchError are ValueErrors
-        print(f"anyflow-convert: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except Interrupted as stop:
-        print(f"anyflow-convert: interrupted ({stop}); nothing was written and {args.out} is as it was",
+        print(f"{prog}: interrupted ({stop}); nothing was written and {args.out} is as it was",
               file=sys.stderr)
         if stop.abandoned:
             exit_now(stop.exit_code)

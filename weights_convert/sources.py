@@ -88,8 +88,16 @@ class Checkpoint:
         return sum(math.prod(t.shape) for t in self.tensors.values())
 
 
+def checked_path(path: object, what: str = "the checkpoint") -> str:
+    """``path`` as a ``str``: a file or folder path (``str`` or ``os.PathLike``), or a TypeError naming ``what``."""
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a file or folder path (str or os.PathLike), got {type(path).__name__} {path!r}")
+    return os.fspath(path)
+
+
 def locate(path: str) -> Tuple[str, List[str], Optional[str]]:
     """Find the weight files under ``path``: (container, files, config.json path or None)."""
+    path = checked_path(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
     if os.path.isdir(path):
@@ -255,6 +263,7 @@ def open_checkpoint(path: str, fmt: Optional[str] = None, config_path: Optional[
     """
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    path = checked_path(path)
     container, files, found_config = locate(path)
     stored = read_tensors(container, files)
     raw = stored

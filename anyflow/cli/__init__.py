@@ -1,4 +1,4 @@
-"""The ``anyflow`` command: ``demo``, ``sample``, ``generate``, ``train``, ``inspect``, one module each.
+"""The ``anyflow`` command: ``demo``, ``sample``, ``generate``, ``train``, ``inspect``, ``convert``, one module each.
 
 Only argument parsing happens at start-up (``anyflow --help`` does not import torch); each command
 imports what it needs when it runs. This package is the top of the import graph: it uses the
@@ -14,15 +14,17 @@ import sys
 from typing import List, Optional
 
 from .. import __version__
-from ..runtime.interrupts import Interrupted, exit_now, run_interruptibly, signals_raise_interrupted
-from . import demo, generate, inspect, sample, train
+from ..runtime.interrupts import Interrupted, exit_now, reader_gone, run_interruptibly, signals_raise_interrupted
+from . import convert, demo, generate, inspect, sample, train
 
-COMMANDS = (demo, sample, generate, train, inspect)
+COMMANDS = (demo, sample, generate, train, inspect, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``anyflow`` parser, every command's options included."""
-    parser = argparse.ArgumentParser(prog="anyflow", description="AnyFlow video flow-map transformer tools.")
+    parser = argparse.ArgumentParser(
+        prog="anyflow", description="AnyFlow video flow-map transformer tools. Checkpoint conversion: anyflow convert, "
+        "the same as the anyflow-convert command.")
     parser.add_argument("--version", action="version", version=f"anyflow {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
@@ -31,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    code = run_command(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [convert.COMMAND]:  # every argument after it is the converter's (its --help too)
+        return convert.run(argv[1:])
+    code = run_command(build_parser().parse_args(argv))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Under torchrun, end without the interpreter's teardown: a C++ thread of torch's distributed layer
         # can still be running when it destroys its static objects, and the process then aborts (SIGABRT,
@@ -48,7 +52,11 @@ def run_command(args: argparse.Namespace) -> int:
 
     try:
         with signals_raise_interrupted():
-            return run_interruptibly(lambda: args.run(args), cleanup=remove_registered)
+            code = run_interruptibly(lambda: args.run(args), cleanup=remove_registered)
+        sys.stdout.flush()  # a reader that went away is seen here, not as a traceback at exit
+        return code
+    except BrokenPipeError:  # the reader went away (anyflow inspect ... | head): end quietly, as Unix tools do
+        return reader_gone()
     except (ValueError, OSError) as exc:  # CheckpointError and KeyMismatchError are ValueErrors
         print(f"anyflow {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -133,8 +133,16 @@ def check_chunks(args: argparse.Namespace, config, frames: int) -> Optional[tupl
     if args.guidance_scale > 1:
         raise ValueError(f"--guidance-scale {args.guidance_scale}: the FAR sampler runs without guidance "
                          "(the released FAR weights have it built in)")
+    if not args.chunk_partition:
+        default = config.chunk_partition
+        if sum(default) != frames:
+            raise ValueError(f"--frames {args.frames}: {frames} latent frames, but the checkpoint's chunks "
+                             f"{list(default)} (its chunk_partition) make {sum(default)} (--frames "
+                             f"{4 * (sum(default) - 1) + 1}); give that --frames, or a --chunk-partition that sums "
+                             f"to {frames}")
+        return tuple(default)
     try:
-        return check_chunk_partition(args.chunk_partition or config.chunk_partition, frames, "--chunk-partition")
+        return check_chunk_partition(args.chunk_partition, frames, "--chunk-partition")
     except ValueError as exc:
         raise ValueError(f"{exc} (--frames {args.frames}); give a --chunk-partition that sums to {frames}") from None
 

@@ -48,6 +48,9 @@ def check_context(config: AnyFlowConfig, text: torch.Tensor, image: Optional[tor
     """Text embeddings (B, S, text_dim) and, when the config has ``image_dim``, image tokens (B, S_img, image_dim)."""
     if not isinstance(text, torch.Tensor) or text.dim() != 3 or text.shape[-1] != config.text_dim:
         raise ValueError(f"encoder_hidden_states must be (B, S, text_dim={config.text_dim}), got {_shape(text)}")
+    if text.shape[1] == 0:
+        raise ValueError(f"encoder_hidden_states holds no token (S = 0): {_shape(text)}; a prompt's embeddings have "
+                         "512 tokens (zeros past its own)")
     if config.image_dim is None:
         if image is not None:
             raise ValueError("encoder_hidden_states_image was given but this model has no image projection "

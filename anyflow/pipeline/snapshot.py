@@ -43,9 +43,9 @@ def read_json(path: str) -> dict:
 
 def read_snapshot(root: str) -> Snapshot:
     """``model_index.json`` and the component folders of a pipeline snapshot; one line naming what is missing."""
-    if not isinstance(root, (str, os.PathLike)):
-        raise TypeError(f"the snapshot must be a folder path (str or os.PathLike), got {type(root).__name__}")
-    root = os.fspath(root)
+    from weights_convert.sources import checked_path
+
+    root = checked_path(root, "the snapshot")
     index_path = os.path.join(root, "model_index.json")
     if not os.path.isfile(index_path):
         raise ValueError(f"{root}: no model_index.json; a pipeline snapshot (AnyFlowPipeline or AnyFlowFARPipeline, "

@@ -120,6 +120,12 @@ class VideoPipeline:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (B, F, C, h, w) -> frames (B, 4 (F - 1) + 1, 8 h, 8 w, 3), float in [0, 1]."""
+        channels = self.vae.config.z_dim
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 5 or latents.shape[2] != channels \
+                or not latents.is_floating_point() or 0 in latents.shape:
+            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"latents must be floats (B, F, C={channels}, h, w), frames before channels as sample and "
+                             f"the pipeline return them (a file's (B, C, F, h, w): .transpose(1, 2)), got {shape}")
         return torch.cat(list(self._decoded_chunks([latents])), dim=1)
 
     def _decoded_chunks(self, chunks):
@@ -178,7 +184,10 @@ class VideoPipeline:
             prompt_embeds, negative_prompt_embeds: embeddings made beforehand by :meth:`encode_prompt`
                 (then ``prompt`` only gives the batch size and the prompts are not encoded again).
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        prompts = list(prompts)
         run = self._check_call(prompts, negative_prompt, num_frames, height, width, num_steps, sigmas, shift,
                                guidance_scale, seed, noise, image, video, chunk_partition, output)
         negatives = []

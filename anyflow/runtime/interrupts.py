@@ -100,6 +100,16 @@ def run_interruptibly(work: Callable[[], T], cleanup: Callable[[], None], grace:
     return outcome["result"]
 
 
+def reader_gone() -> int:
+    """After a BrokenPipeError on stdout (``anyflow inspect ... | head``): send what is left of stdout nowhere,
+    so that nothing more fails at exit, and return the exit code of a process ended by SIGPIPE (141), as Unix
+    tools end quietly when their reader leaves."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
+
+
 def exit_now(code: int) -> None:
     """End the process at once (a worker thread may be inside native code and cannot be joined)."""
     sys.stdout.flush()

@@ -25,9 +25,12 @@ def check_model(model, far: bool) -> None:
 
 
 def check_finite(**inputs) -> None:
-    """Once per call: a NaN or infinity in an input would make every latent NaN without a word."""
+    """Once per call: the tensor inputs are floating point (integers would be taken as values without a word)
+    and finite (a NaN or infinity would make every latent NaN)."""
     for name, value in inputs.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+        if isinstance(value, torch.Tensor) and not value.is_floating_point():
+            raise ValueError(f"{name} must be a floating point tensor, got {value.dtype}")
+        if isinstance(value, torch.Tensor) and not torch.isfinite(value).all():
             bad = (~torch.isfinite(value)).sum().item()
             raise ValueError(f"{name} has {bad} NaN or infinite values (of {value.numel()})")
 

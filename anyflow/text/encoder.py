@@ -103,8 +103,9 @@ class UMT5Config:
     def from_pretrained(cls, folder: str) -> "UMT5Config":
         """The config in ``folder/config.json`` (a ``text_encoder/`` folder)."""
         from weights_convert.safetensors_io import CheckpointError, read_json_object
+        from weights_convert.sources import checked_path
 
-        path = os.path.join(folder, "config.json")
+        path = os.path.join(checked_path(folder, "the text encoder folder"), "config.json")
         if not os.path.isfile(path):
             raise CheckpointError(f"{folder}: no config.json (a transformers UMT5EncoderModel folder has one)")
         return cls.from_dict(read_json_object(path, "UMT5 config"), path)

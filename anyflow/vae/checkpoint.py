@@ -25,7 +25,7 @@ from weights_convert.safetensors_io import (
     FLOAT_DTYPES, CheckpointError, TensorRecord, read_header, read_json_object, read_sharded, torch_dtype,
 )
 from weights_convert.configs import sort_keys
-from weights_convert.sources import weight_file_kind
+from weights_convert.sources import checked_path, weight_file_kind
 
 from .config import WanVAEConfig
 from .names import vae_names
@@ -93,6 +93,7 @@ class VAECheckpoint:
 
 def locate(path: str) -> Tuple[str, List[str], Optional[str]]:
     """(container, weight files, config.json or None) of a VAE folder, snapshot or file."""
+    path = checked_path(path, "the VAE checkpoint")
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
     if os.path.isdir(path):
