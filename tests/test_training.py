@@ -123,6 +123,16 @@ def test_lora_target_matching_nothing_is_named_with_the_nearest():
     assert not any(hasattr(m, "lora_A") for m in model.modules())  # checked before any module changed
 
 
+def test_a_bare_string_is_one_lora_target_and_other_types_are_refused():
+    model = AnyFlowTransformer3DModel(small_config())
+    assert inject_lora(model, "attn1.to_q", rank=4, alpha=4) == ["blocks.0.self_attn.q", "blocks.1.self_attn.q"]
+    for bad in (3, None, [], "", ["attn1.to_k", 7], {"attn1.to_k": 1}, b"attn1"):
+        with pytest.raises(ValueError, match=r"^LoRA targets must be a non-empty string \(a part of module names\) or "
+                                             r"a non-empty list of them, got .*$"):
+            inject_lora(model, bad, rank=4, alpha=4)
+    assert sum(hasattr(m, "lora_A") for m in model.modules()) == 2  # nothing more wrapped
+
+
 # ---- the loop ---------------------------------------------------------------------------------------------
 
 def test_clip_gradients_equals_torch_clip_grad_norm():
