@@ -184,6 +184,42 @@ def test_stage1_run_writes_its_outputs_and_its_adapter_loads(run, capsys):
     assert model.config.num_layers == 1
 
 
+def test_a_training_checkpoint_is_named_as_such_with_the_runs_weights_and_never_merged(run, capsys):
+    """``checkpoints/step_N/rank0.pt`` given to inspect, sample --lora (even with --lora-skip-unknown),
+    from_pretrained or anyflow-convert: one line saying what it is and which of the run's files to use."""
+    from weights_convert.cli import main as convert_main
+    from weights_convert.pt_files import TrainerCheckpointError
+
+    Trainer(config_from_dict(tiny_config(run, train={"total_iter": 2})), say=quiet).train()
+    out = run / "out"
+    step = out / "checkpoints" / "step_000002"
+    rank0 = step / "rank0.pt"
+    what = f"{rank0}: a checkpoint of anyflow train (step 2: the state a resumed run reads), not a model or an adapter"
+    written = (f"{what}; use the weights the run wrote in {out}: lora_ema.safetensors or lora.safetensors "
+               "(adapters: --lora)")
+    capsys.readouterr()
+    assert anyflow_main(["inspect", str(rank0)]) == 0
+    assert capsys.readouterr().out == written + "\n"
+    save_file({"prompt_embeds": torch.randn(1, 3, 24)}, str(run / "embeds.safetensors"))
+    sample = ["sample", "--model", str(run / "model"), "--prompt-embeds", str(run / "embeds.safetensors"), "--frames",
+              "5", "--height", "32", "--width", "32", "--steps", "1", "--device", "cpu", "--out", str(run / "o.safetensors")]
+    assert anyflow_main(sample + ["--lora", str(rank0), "--lora-skip-unknown"]) == 1
+    assert capsys.readouterr().err == f"anyflow sample: error: --lora: {written}\n"
+    assert not (run / "o.safetensors").exists()
+    with pytest.raises(TrainerCheckpointError, match=f"^{re.escape(written)}$"):
+        AnyFlowTransformer3DModel.from_pretrained(str(run / "model"), lora=[str(rank0)])
+    (step / "rank1.pt").write_bytes(rank0.read_bytes())  # a step folder of two processes
+    assert convert_main([str(step), str(run / "converted")]) == 1
+    assert capsys.readouterr().err.strip().endswith(written.replace(str(rank0), str(step)))
+    for name in ("lora.safetensors", "lora_ema.safetensors"):
+        os.remove(out / name)
+    assert anyflow_main(["inspect", str(rank0)]) == 0
+    assert capsys.readouterr().out == (
+        f"{what}; the run in {out} has written no weights yet: it writes lora_ema.safetensors or lora.safetensors "
+        "(adapters: --lora), or model_ema/ or model/ (whole models) when it finishes (the same anyflow train "
+        "command resumes it)\n")
+
+
 @pytest.mark.slow
 def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path):
     """Same process, same operations, same order: the resumed run's losses and weights equal the uninterrupted
