@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from anyflow import AnyFlowTransformer3DModel
 from anyflow.cli import main as anyflow_main
 from anyflow.training.config import AUTHORS_LORA_TARGETS, ConfigError, config_from_dict, load_config
-from anyflow.training.data import BatchSchedule, LatentDataset
+from anyflow.training.data import BatchSchedule, DatasetWriter, LatentDataset
 from anyflow.training.lora import inject_lora, save_lora_adapter, train_only_lora
 from anyflow.training.loss_curve import write_loss_curve
 from anyflow.training.optim import clip_gradients
@@ -446,6 +446,74 @@ def test_batches_cover_each_epoch_and_split_over_processes(run):
     assert [r.indices(1)[0] for r in ranks] == one.indices(1)  # process p takes row p of the global batch
     with pytest.raises(ValueError, match="4 samples, fewer than one global batch of 6"):
         BatchSchedule(dataset, batch_size=3, seed=0, processes=2)
+
+
+# ---- DatasetWriter -------------------------------------------------------------------------------------------
+
+def test_dataset_writer_refuses_bad_arguments_and_values_in_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match=r"^DatasetWriter shard_size: must be a positive int \(samples a shard\), "
+                                         r"got 0$"):
+        DatasetWriter(str(tmp_path / "data"), shard_size=0)
+    with pytest.raises(ValueError, match=r"^DatasetWriter root .*a_file: a file, not a folder; choose a new folder$"):
+        DatasetWriter(str(tmp_path / "a_file"))
+    with pytest.raises(ValueError, match=r"^DatasetWriter negative: 1 of 6 values are NaN or infinite$"):
+        DatasetWriter(str(tmp_path / "data"), negative=torch.tensor([[[1.0, float("inf"), 0], [0, 0, 0]]]))
+    latents, text = torch.zeros(2, 4, 4, 4), torch.zeros(3, 24)
+    bad = latents.clone()
+    bad[1, 2, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^DatasetWriter sample 1: latents: 1 of 128 values are NaN or infinite$"):
+        with DatasetWriter(str(tmp_path / "data")) as writer:
+            writer.add(latents, text)
+            writer.add(bad, text)
+    with pytest.raises(ValueError, match=r"^DatasetWriter sample 0: prompt_embeds: 72 of 72 values are NaN or "
+                                         r"infinite$"):
+        with DatasetWriter(str(tmp_path / "data")) as writer:
+            writer.add(latents, torch.full((3, 24), float("-inf")).to(torch.bfloat16))
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]  # nothing hidden left behind
+
+
+def test_dataset_writer_without_with_closes_or_leaves_nothing(tmp_path):
+    import gc
+
+    latents, text = torch.randn(2, 4, 4, 4), torch.randn(3, 24)
+    writer = DatasetWriter(str(tmp_path / "closed"), negative=torch.randn(1, 3, 24), shard_size=1)
+    writer.add(latents, text, "one")
+    writer.add(latents, text, "two")
+    writer.close()
+    with pytest.raises(ValueError, match=r"^DatasetWriter sample 2: the writer of .*closed is closed; add every sample "
+                                         r"before close\(\)$"):
+        writer.add(latents, text)
+    assert len(LatentDataset(str(tmp_path / "closed"))) == 2
+    dropped = DatasetWriter(str(tmp_path / "dropped"), shard_size=1)
+    dropped.add(latents, text)
+    del dropped
+    gc.collect()
+    assert os.listdir(tmp_path) == ["closed"]
+    script = (f"import sys, torch; sys.path.insert(0, {HERE!r})\n"
+              "from anyflow.training.data import DatasetWriter\n"
+              f"writer = DatasetWriter({str(tmp_path / 'unclosed')!r}, shard_size=1)\n"
+              "writer.add(torch.zeros(2, 4, 4, 4), torch.zeros(3, 24))\n")  # and the interpreter exits
+    subprocess.run([sys.executable, "-c", script], check=True)
+    assert os.listdir(tmp_path) == ["closed"]
+
+
+def test_safetensors_files_follow_the_umask(tmp_path):
+    """Shards and the negative embedding are made as every file is (0o666 & ~umask), not 0600 as safetensors'
+    save_file makes them; no module of the package writes safetensors files with it."""
+    previous = os.umask(0o027)
+    try:
+        tiny_data(tmp_path / "data")
+    finally:
+        os.umask(previous)
+    modes = {name: os.stat(tmp_path / "data" / name).st_mode & 0o777 for name in os.listdir(tmp_path / "data")}
+    assert modes == {name: 0o640 for name in ("dataset.json", "negative_prompt_embeds.safetensors",
+                                              "shard_00000.safetensors", "shard_00001.safetensors")}
+    for folder in ("anyflow", "weights_convert"):
+        for path, _, files in os.walk(os.path.join(ROOT, folder)):
+            for name in (f for f in files if f.endswith(".py")):
+                with open(os.path.join(path, name)) as f:
+                    assert not re.search(r"import save_file|\b(save_file|serialize_file)\(", f.read()), name
 
 
 # ---- scripts/prepare_training_data.py ---------------------------------------------------------------------
