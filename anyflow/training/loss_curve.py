@@ -48,12 +48,13 @@ def write_loss_curve(log_path: str, png_path: str, width: int = 800, panel_heigh
         axis.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")
     figure.tight_layout()
-    partial = f"{png_path}.partial-{os.getpid()}.png"
+    from weights_convert.partials import discard, partial_path
+
+    partial = partial_path(png_path)
     try:
-        figure.savefig(partial)
+        figure.savefig(partial, format="png")
         os.replace(partial, png_path)
     finally:
         pyplot.close(figure)
-        if os.path.exists(partial):
-            os.remove(partial)
+        discard(partial)
     return True
