@@ -218,6 +218,17 @@ def test_a_training_checkpoint_is_named_as_such_with_the_runs_weights_and_never_
         f"{what}; the run in {out} has written no weights yet: it writes lora_ema.safetensors or lora.safetensors "
         "(adapters: --lora), or model_ema/ or model/ (whole models) when it finishes (the same anyflow train "
         "command resumes it)\n")
+    (out / "model").mkdir()
+    (out / "model_ema").mkdir()
+    with pytest.raises(TrainerCheckpointError, match=f"^{re.escape(what)}; use the weights the run wrote in "
+                                                     f"{re.escape(str(out))}: model_ema/ or model/ \\(whole models\\)$"):
+        AnyFlowTransformer3DModel.from_pretrained(str(rank0))
+    (run / "copied.pt").write_bytes(rank0.read_bytes())
+    with pytest.raises(TrainerCheckpointError, match=r"copied.pt: a checkpoint of anyflow train \(step 2: .*; use the "
+                                                     r"weights its run wrote beside its checkpoints/ folder: "
+                                                     r"lora_ema.safetensors or lora.safetensors \(adapters: --lora\), "
+                                                     r"or model_ema/ or model/ \(whole models\)$"):
+        AnyFlowTransformer3DModel.from_pretrained(str(run / "model"), lora=str(run / "copied.pt"))
 
 
 @pytest.mark.slow

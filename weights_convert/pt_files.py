@@ -116,7 +116,7 @@ def trainer_checkpoint_message(path: str, step: object) -> str:
     run reads, and the weights its run wrote (in the folder above ``checkpoints/``) are what to use."""
     what = (f"{path}: a checkpoint of anyflow train (step {step}: the state a resumed run reads), not a model or "
             "an adapter")
-    every = (f"{' or '.join(RUN_ADAPTERS)} (adapters: --lora), or {'/ or '.join(RUN_MODELS)}/ (whole models)")
+    every = f"{' or '.join(RUN_ADAPTERS)} (adapters: --lora), or {'/ or '.join(RUN_MODELS)}/ (whole models)"
     step_folder = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else os.path.abspath(path)
     if os.path.basename(os.path.dirname(step_folder)) != "checkpoints":
         return f"{what}; use the weights its run wrote beside its checkpoints/ folder: {every}"
@@ -127,7 +127,7 @@ def trainer_checkpoint_message(path: str, step: object) -> str:
         return (f"{what}; the run in {run} has written no weights yet: it writes {every} when it finishes (the same "
                 "anyflow train command resumes it)")
     found = [f"{' or '.join(names)} ({kind})" for names, kind in ((adapters, "adapters: --lora"),
-                                                                  (models, "models: --model")) if names]
+                                                                  (models, "whole models")) if names]
     return f"{what}; use the weights the run wrote in {run}: {', or '.join(found)}"
 
 

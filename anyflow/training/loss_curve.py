@@ -20,6 +20,8 @@ def write_loss_curve(log_path: str, png_path: str, width: int = 800, panel_heigh
     """Draw every ``*loss`` series of a ``train_log.jsonl`` into ``png_path`` (``width`` x ``panel_height``
     pixels a panel), one panel each: the values faint, their moving average solid, over the steps.
     False when the log has no losses; an ImportError naming the extra without matplotlib."""
+    from weights_convert.partials import discard, partial_path
+
     records = [json.loads(line) for line in open(log_path) if line.strip()]
     names = [k for k in records[0] if k.endswith("loss")] if records else []
     if not names:
@@ -48,8 +50,6 @@ def write_loss_curve(log_path: str, png_path: str, width: int = 800, panel_heigh
         axis.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")
     figure.tight_layout()
-    from weights_convert.partials import discard, partial_path
-
     partial = partial_path(png_path)
     try:
         figure.savefig(partial, format="png")
