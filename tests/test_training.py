@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from anyflow import AnyFlowTransformer3DModel
 from anyflow.cli import main as anyflow_main
 from anyflow.training.config import AUTHORS_LORA_TARGETS, ConfigError, config_from_dict, load_config
-from anyflow.training.data import BatchSchedule, LatentDataset
+from anyflow.training.data import BatchSchedule, DatasetWriter, LatentDataset
 from anyflow.training.lora import inject_lora, save_lora_adapter, train_only_lora
 from anyflow.training.loss_curve import write_loss_curve
 from anyflow.training.optim import clip_gradients
@@ -123,6 +123,16 @@ def test_lora_target_matching_nothing_is_named_with_the_nearest():
     assert not any(hasattr(m, "lora_A") for m in model.modules())  # checked before any module changed
 
 
+def test_a_bare_string_is_one_lora_target_and_other_types_are_refused():
+    model = AnyFlowTransformer3DModel(small_config())
+    assert inject_lora(model, "attn1.to_q", rank=4, alpha=4) == ["blocks.0.self_attn.q", "blocks.1.self_attn.q"]
+    for bad in (3, None, [], "", ["attn1.to_k", 7], {"attn1.to_k": 1}, b"attn1"):
+        with pytest.raises(ValueError, match=r"^LoRA targets must be a non-empty string \(a part of module names\) or "
+                                             r"a non-empty list of them, got .*$"):
+            inject_lora(model, bad, rank=4, alpha=4)
+    assert sum(hasattr(m, "lora_A") for m in model.modules()) == 2  # nothing more wrapped
+
+
 # ---- the loop ---------------------------------------------------------------------------------------------
 
 def test_clip_gradients_equals_torch_clip_grad_norm():
@@ -172,6 +182,53 @@ def test_stage1_run_writes_its_outputs_and_its_adapter_loads(run, capsys):
     assert lines[0].startswith("step 1/4  loss ") and "s/step" in lines[0]
     model = AnyFlowTransformer3DModel.from_pretrained(str(run / "model"), lora=[str(out / "lora_ema.safetensors")])
     assert model.config.num_layers == 1
+
+
+def test_a_training_checkpoint_is_named_as_such_with_the_runs_weights_and_never_merged(run, capsys):
+    """``checkpoints/step_N/rank0.pt`` given to inspect, sample --lora (even with --lora-skip-unknown),
+    from_pretrained or anyflow-convert: one line saying what it is and which of the run's files to use."""
+    from weights_convert.cli import main as convert_main
+    from weights_convert.pt_files import TrainerCheckpointError
+
+    Trainer(config_from_dict(tiny_config(run, train={"total_iter": 2})), say=quiet).train()
+    out = run / "out"
+    step = out / "checkpoints" / "step_000002"
+    rank0 = step / "rank0.pt"
+    what = f"{rank0}: a checkpoint of anyflow train (step 2: the state a resumed run reads), not a model or an adapter"
+    written = (f"{what}; use the weights the run wrote in {out}: lora_ema.safetensors or lora.safetensors "
+               "(adapters: --lora)")
+    capsys.readouterr()
+    assert anyflow_main(["inspect", str(rank0)]) == 0
+    assert capsys.readouterr().out == written + "\n"
+    save_file({"prompt_embeds": torch.randn(1, 3, 24)}, str(run / "embeds.safetensors"))
+    sample = ["sample", "--model", str(run / "model"), "--prompt-embeds", str(run / "embeds.safetensors"), "--frames",
+              "5", "--height", "32", "--width", "32", "--steps", "1", "--device", "cpu", "--out", str(run / "o.safetensors")]
+    assert anyflow_main(sample + ["--lora", str(rank0), "--lora-skip-unknown"]) == 1
+    assert capsys.readouterr().err == f"anyflow sample: error: --lora: {written}\n"
+    assert not (run / "o.safetensors").exists()
+    with pytest.raises(TrainerCheckpointError, match=f"^{re.escape(written)}$"):
+        AnyFlowTransformer3DModel.from_pretrained(str(run / "model"), lora=[str(rank0)])
+    (step / "rank1.pt").write_bytes(rank0.read_bytes())  # a step folder of two processes
+    assert convert_main([str(step), str(run / "converted")]) == 1
+    assert capsys.readouterr().err.strip().endswith(written.replace(str(rank0), str(step)))
+    for name in ("lora.safetensors", "lora_ema.safetensors"):
+        os.remove(out / name)
+    assert anyflow_main(["inspect", str(rank0)]) == 0
+    assert capsys.readouterr().out == (
+        f"{what}; the run in {out} has written no weights yet: it writes lora_ema.safetensors or lora.safetensors "
+        "(adapters: --lora), or model_ema/ or model/ (whole models) when it finishes (the same anyflow train "
+        "command resumes it)\n")
+    (out / "model").mkdir()
+    (out / "model_ema").mkdir()
+    with pytest.raises(TrainerCheckpointError, match=f"^{re.escape(what)}; use the weights the run wrote in "
+                                                     f"{re.escape(str(out))}: model_ema/ or model/ \\(whole models\\)$"):
+        AnyFlowTransformer3DModel.from_pretrained(str(rank0))
+    (run / "copied.pt").write_bytes(rank0.read_bytes())
+    with pytest.raises(TrainerCheckpointError, match=r"copied.pt: a checkpoint of anyflow train \(step 2: .*; use the "
+                                                     r"weights its run wrote beside its checkpoints/ folder: "
+                                                     r"lora_ema.safetensors or lora.safetensors \(adapters: --lora\), "
+                                                     r"or model_ema/ or model/ \(whole models\)$"):
+        AnyFlowTransformer3DModel.from_pretrained(str(run / "model"), lora=str(run / "copied.pt"))
 
 
 @pytest.mark.slow
@@ -400,6 +457,74 @@ def test_batches_cover_each_epoch_and_split_over_processes(run):
     assert [r.indices(1)[0] for r in ranks] == one.indices(1)  # process p takes row p of the global batch
     with pytest.raises(ValueError, match="4 samples, fewer than one global batch of 6"):
         BatchSchedule(dataset, batch_size=3, seed=0, processes=2)
+
+
+# ---- DatasetWriter -------------------------------------------------------------------------------------------
+
+def test_dataset_writer_refuses_bad_arguments_and_values_in_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match=r"^DatasetWriter shard_size: must be a positive int \(samples a shard\), "
+                                         r"got 0$"):
+        DatasetWriter(str(tmp_path / "data"), shard_size=0)
+    with pytest.raises(ValueError, match=r"^DatasetWriter root .*a_file: a file, not a folder; choose a new folder$"):
+        DatasetWriter(str(tmp_path / "a_file"))
+    with pytest.raises(ValueError, match=r"^DatasetWriter negative: 1 of 6 values are NaN or infinite$"):
+        DatasetWriter(str(tmp_path / "data"), negative=torch.tensor([[[1.0, float("inf"), 0], [0, 0, 0]]]))
+    latents, text = torch.zeros(2, 4, 4, 4), torch.zeros(3, 24)
+    bad = latents.clone()
+    bad[1, 2, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^DatasetWriter sample 1: latents: 1 of 128 values are NaN or infinite$"):
+        with DatasetWriter(str(tmp_path / "data")) as writer:
+            writer.add(latents, text)
+            writer.add(bad, text)
+    with pytest.raises(ValueError, match=r"^DatasetWriter sample 0: prompt_embeds: 72 of 72 values are NaN or "
+                                         r"infinite$"):
+        with DatasetWriter(str(tmp_path / "data")) as writer:
+            writer.add(latents, torch.full((3, 24), float("-inf")).to(torch.bfloat16))
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]  # nothing hidden left behind
+
+
+def test_dataset_writer_without_with_closes_or_leaves_nothing(tmp_path):
+    import gc
+
+    latents, text = torch.randn(2, 4, 4, 4), torch.randn(3, 24)
+    writer = DatasetWriter(str(tmp_path / "closed"), negative=torch.randn(1, 3, 24), shard_size=1)
+    writer.add(latents, text, "one")
+    writer.add(latents, text, "two")
+    writer.close()
+    with pytest.raises(ValueError, match=r"^DatasetWriter sample 2: the writer of .*closed is closed; add every sample "
+                                         r"before close\(\)$"):
+        writer.add(latents, text)
+    assert len(LatentDataset(str(tmp_path / "closed"))) == 2
+    dropped = DatasetWriter(str(tmp_path / "dropped"), shard_size=1)
+    dropped.add(latents, text)
+    del dropped
+    gc.collect()
+    assert os.listdir(tmp_path) == ["closed"]
+    script = (f"import sys, torch; sys.path.insert(0, {HERE!r})\n"
+              "from anyflow.training.data import DatasetWriter\n"
+              f"writer = DatasetWriter({str(tmp_path / 'unclosed')!r}, shard_size=1)\n"
+              "writer.add(torch.zeros(2, 4, 4, 4), torch.zeros(3, 24))\n")  # and the interpreter exits
+    subprocess.run([sys.executable, "-c", script], check=True)
+    assert os.listdir(tmp_path) == ["closed"]
+
+
+def test_safetensors_files_follow_the_umask(tmp_path):
+    """Shards and the negative embedding are made as every file is (0o666 & ~umask), not 0600 as safetensors'
+    save_file makes them; no module of the package writes safetensors files with it."""
+    previous = os.umask(0o027)
+    try:
+        tiny_data(tmp_path / "data")
+    finally:
+        os.umask(previous)
+    modes = {name: os.stat(tmp_path / "data" / name).st_mode & 0o777 for name in os.listdir(tmp_path / "data")}
+    assert modes == {name: 0o640 for name in ("dataset.json", "negative_prompt_embeds.safetensors",
+                                              "shard_00000.safetensors", "shard_00001.safetensors")}
+    for folder in ("anyflow", "weights_convert"):
+        for path, _, files in os.walk(os.path.join(ROOT, folder)):
+            for name in (f for f in files if f.endswith(".py")):
+                with open(os.path.join(path, name)) as f:
+                    assert not re.search(r"import save_file|\b(save_file|serialize_file)\(", f.read()), name
 
 
 # ---- scripts/prepare_training_data.py ---------------------------------------------------------------------

@@ -311,7 +311,8 @@ def looks_like_wrapped_checkpoint(keys: Sequence[str]) -> bool:
 
 def open_adapter(path: str) -> Adapter:
     """Read the adapter at ``path`` (a .safetensors, or a .pt loaded with ``weights_only=True``):
-    headers only, tensors are read when merged."""
+    headers only, tensors are read when merged. A checkpoint of ``anyflow train`` is refused whole
+    (:func:`.pt_files.load_pt`), naming the adapters its run wrote."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such adapter file")
     if path.endswith(".safetensors"):

@@ -1,11 +1,14 @@
 """Torch ``.pt`` files (the authors' training checkpoints, pickled adapters), read safely.
 
 Every file is loaded with ``weights_only=True``: one that needs pickled code to load is refused
-and none of that code runs.
+and none of that code runs. A checkpoint of ``anyflow train`` (``checkpoints/step_N/rankK.pt``, the
+state a resumed run reads) is no model and no adapter: it is refused with the weights its run
+wrote (:class:`TrainerCheckpointError`).
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import struct
 import zipfile
@@ -18,6 +21,10 @@ if TYPE_CHECKING:
     import torch
 
 PT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+# the entries of every checkpoint anyflow train writes (anyflow/training/checkpoints.py; "config" since later releases)
+TRAINER_CHECKPOINT_KEYS = frozenset({"step", "batches", "processes", "draws", "parameters", "optimizers", "updates", "ema"})
+# what a finished run writes in its folder (beside checkpoints/): adapters of a LoRA run, whole models otherwise
+RUN_ADAPTERS, RUN_MODELS = ("lora_ema.safetensors", "lora.safetensors"), ("model_ema", "model")
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,8 @@ def load_pt(path: str) -> Dict[str, InMemoryTensor]:
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, TypeError,
             IndexError, KeyError, UnicodeDecodeError, struct.error) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated {kind} ({type(exc).__name__}: {_last_line(exc)})") from None
+    if isinstance(obj, Mapping) and TRAINER_CHECKPOINT_KEYS <= set(obj):
+        raise TrainerCheckpointError(trainer_checkpoint_message(path, obj["step"]))
     if isinstance(obj, Mapping) and "ema" in obj:
         obj = obj["ema"]
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -96,6 +105,30 @@ def load_pt(path: str) -> Dict[str, InMemoryTensor]:
         except ValueError as exc:
             raise CheckpointError(f"{path}: tensor {k!r}: {exc}") from None
     return {str(k): InMemoryTensor(str(k), v) for k, v in obj.items()}
+
+
+class TrainerCheckpointError(CheckpointError):
+    """A checkpoint of ``anyflow train`` given where a model or an adapter is expected."""
+
+
+def trainer_checkpoint_message(path: str, step: object) -> str:
+    """One line: ``path`` (a ``checkpoints/step_N`` file or folder of anyflow train) is the state a resumed
+    run reads, and the weights its run wrote (in the folder above ``checkpoints/``) are what to use."""
+    what = (f"{path}: a checkpoint of anyflow train (step {step}: the state a resumed run reads), not a model or "
+            "an adapter")
+    every = f"{' or '.join(RUN_ADAPTERS)} (adapters: --lora), or {'/ or '.join(RUN_MODELS)}/ (whole models)"
+    step_folder = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else os.path.abspath(path)
+    if os.path.basename(os.path.dirname(step_folder)) != "checkpoints":
+        return f"{what}; use the weights its run wrote beside its checkpoints/ folder: {every}"
+    run = os.path.dirname(os.path.dirname(step_folder))
+    adapters = [name for name in RUN_ADAPTERS if os.path.isfile(os.path.join(run, name))]
+    models = [f"{name}/" for name in RUN_MODELS if os.path.isdir(os.path.join(run, name))]
+    if not adapters and not models:
+        return (f"{what}; the run in {run} has written no weights yet: it writes {every} when it finishes (the same "
+                "anyflow train command resumes it)")
+    found = [f"{' or '.join(names)} ({kind})" for names, kind in ((adapters, "adapters: --lora"),
+                                                                  (models, "whole models")) if names]
+    return f"{what}; use the weights the run wrote in {run}: {', or '.join(found)}"
 
 
 # lines of torch.load's messages that say nothing about the file itself

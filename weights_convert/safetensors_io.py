@@ -239,7 +239,12 @@ def read_sharded(index_path: str) -> Dict[str, TensorRecord]:
 
 
 def write_file(path: str, tensors: List[Tuple[str, "torch.Tensor"]], metadata: Optional[Dict[str, str]] = None) -> None:
-    """Write tensors (already in memory) to a safetensors file; used for small files and tests."""
+    """Write tensors (already in memory) to a safetensors file; used for small files and tests.
+
+    The file is made as ``open`` makes files, with the permissions the umask leaves (``0o666 & ~umask``),
+    like every file the project writes; safetensors' own ``save_file`` writes a private (0600)
+    temporary file and renames it, so the project writes safetensors files with this function.
+    """
     with open(path, "wb") as f:
         f.write(header_bytes([(n, dtype_code(t.dtype), tuple(t.shape)) for n, t in tensors], metadata))
         for _, tensor in tensors:

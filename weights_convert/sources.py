@@ -20,7 +20,7 @@ from anyflow.model.parameters import parameter_shapes
 from .configs import ConfigReading, read_config
 from .lora import AdapterFileError, MergedTensor, fold_wrapped_checkpoint, looks_like_adapter, looks_like_wrapped_checkpoint
 from .names import FORMATS, WAN_WARM_START_COPIES
-from .pt_files import PT_SUFFIXES, InMemoryTensor, load_pt
+from .pt_files import PT_SUFFIXES, InMemoryTensor, TrainerCheckpointError, load_pt, trainer_checkpoint_message
 from .safetensors_io import (
     FLOAT_DTYPES, CheckpointError, TensorRecord, read_header, read_json_object, read_sharded,
 )
@@ -113,6 +113,9 @@ def locate(path: str) -> Tuple[str, List[str], Optional[str]]:
         if indexes:
             return "sharded safetensors", indexes, config
         files = _weight_files(path)
+        step = re.fullmatch(r"step_(\d+)", os.path.basename(os.path.normpath(path)))
+        if step and files and all(re.fullmatch(r"rank\d+\.pt", os.path.basename(f)) for f in files):
+            raise TrainerCheckpointError(trainer_checkpoint_message(path, int(step.group(1))))
         if len(files) != 1:
             found = [os.path.basename(f) for f in files]
             raise CheckpointError(

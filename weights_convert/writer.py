@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, TextIO, TypeVar
 
-from .partials import discard, partial_path, remove_stale
+from .partials import discard, partial_path
 from .safetensors_io import CheckpointError, TensorRecord, header_bytes, itemsize, read_header, tensor_bytes, torch_dtype
 
 if TYPE_CHECKING:
@@ -162,8 +162,7 @@ def write_checkpoint(
     """
     check_destination(out, force, sources)
     out = os.path.abspath(out)
-    remove_stale(out)
-    partial = partial_path(out)
+    partial = partial_path(out)  # removes the partials dead processes left beside OUT first
     os.makedirs(partial)
     try:
         files = _write_all(partial, tensors, config, stem, max_shard_bytes, progress)

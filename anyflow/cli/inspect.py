@@ -31,13 +31,15 @@ def run_inspect(args: argparse.Namespace) -> int:
     Paths: PATH as given, made absolute, is printed once (``path:``, or ``adapter:`` for an adapter);
     the files read (``files:``, the config file) are printed relative to PATH when it is a folder, else
     relative to the folder PATH is in. An adapter that loading would refuse whatever the model (half a
-    pair of factors, ranks that differ) raises ValueError, as ``sample --lora`` would.
+    pair of factors, ranks that differ) raises ValueError, as ``sample --lora`` would. A checkpoint of
+    ``anyflow train`` (``checkpoints/step_N``) is described in one line, with the run's weights to use instead.
     """
     from collections import Counter
 
     from weights_convert.cli import summarize
     from weights_convert.configs import describe_keys
     from weights_convert.lora import AdapterFileError, describe, open_adapter
+    from weights_convert.pt_files import TrainerCheckpointError
     from weights_convert.safetensors_io import DTYPES
     from weights_convert.sources import open_checkpoint
 
@@ -45,6 +47,9 @@ def run_inspect(args: argparse.Namespace) -> int:
         checkpoint = open_checkpoint(args.path, args.from_format)
     except AdapterFileError:
         print("\n".join(describe(open_adapter(args.path))))
+        return 0
+    except TrainerCheckpointError as exc:
+        print(exc)
         return 0
     dtypes = Counter()
     for lazy in checkpoint.tensors.values():

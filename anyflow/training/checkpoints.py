@@ -28,10 +28,15 @@ def barrier() -> None:
 
 def write_atomically(path: str, text: str) -> None:
     """Replace the file ``path`` by one holding ``text``, never leaving half a file."""
-    partial = f"{path}.partial-{os.getpid()}"
-    with open(partial, "w") as f:
-        f.write(text)
-    os.replace(partial, path)
+    from weights_convert.partials import discard, partial_path
+
+    partial = partial_path(path)
+    try:
+        with open(partial, "w") as f:
+            f.write(text)
+        os.replace(partial, path)
+    finally:
+        discard(partial)
 
 
 class Checkpoints:

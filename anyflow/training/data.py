@@ -28,7 +28,9 @@ exactly the batches the uninterrupted one would have.
 from __future__ import annotations
 
 import json
+import math
 import os
+import weakref
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -172,76 +174,114 @@ class DatasetWriter:
         with DatasetWriter("data/latents", negative=negative_embeds) as writer:
             writer.add(latents, prompt_embeds, caption)       # (F, C, h, w), (S, D)
 
-    The folder is built under a hidden partial name and renamed to ``root`` when the block ends
-    without an error (``root`` must not exist, or be empty); the captions are kept in each shard's
+    or, without ``with``, ``writer.close()`` after the last :meth:`add`. The folder is built under a
+    hidden partial name and renamed to ``root`` by :meth:`close` (which the block calls when it ends
+    without an error); ``root`` must not exist, or be an empty folder. A writer that ends otherwise (an
+    error in the block, or dropped unclosed: garbage-collected, or the interpreter exits) removes its
+    partial folder and writes nothing. Every value must be finite; the captions are kept in each shard's
     metadata.
     """
 
     def __init__(self, root: str, negative: Optional[torch.Tensor] = None, shard_size: int = 64):
-        from weights_convert.partials import partial_path
+        from weights_convert.partials import discard, partial_path
 
+        if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+            raise ValueError(f"DatasetWriter shard_size: must be a positive int (samples a shard), got {shard_size!r}")
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise ValueError(f"DatasetWriter root {root}: a file, not a folder; choose a new folder")
         if os.path.isdir(root) and os.listdir(root):
             raise ValueError(f"{root} exists and is not empty; choose a new folder")
         if not os.path.isdir(os.path.dirname(os.path.abspath(root))):
             raise ValueError(f"{root}: its parent folder does not exist")
+        if negative is not None:
+            _check_values("DatasetWriter negative", negative)
         self.root, self.negative, self.shard_size = root, negative, shard_size
         self.partial = partial_path(root.rstrip(os.sep))
         os.makedirs(self.partial)
+        self._discard = weakref.finalize(self, discard, self.partial)  # run by close, an error, or at last
+        self.closed = False
         self.pending: List[Tuple[torch.Tensor, torch.Tensor, str]] = []
         self.entries: List[dict] = []
         self.latent_shape = self.text_shape = None
 
     def add(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, caption: str = "") -> None:
-        """One sample: latents (F, C, h, w) and prompt embeddings (S, D), each the shape of the first sample's."""
+        """One sample: latents (F, C, h, w) and prompt embeddings (S, D), each the shape of the first sample's,
+        every value finite."""
+        sample = f"DatasetWriter sample {len(self.entries) * self.shard_size + len(self.pending)}"
+        if self.closed:
+            raise ValueError(f"{sample}: the writer of {self.root} is closed; add every sample before close()")
+        _check_values(f"{sample}: latents", latents)
+        _check_values(f"{sample}: prompt_embeds", prompt_embeds)
         if self.latent_shape is None:
             self.latent_shape, self.text_shape = tuple(latents.shape), tuple(prompt_embeds.shape)
         if tuple(latents.shape) != self.latent_shape or tuple(prompt_embeds.shape) != self.text_shape:
-            raise ValueError(f"sample {len(self.entries) * self.shard_size + len(self.pending)}: latents "
-                             f"{tuple(latents.shape)} and prompt_embeds {tuple(prompt_embeds.shape)}, the first sample "
-                             f"had {self.latent_shape} and {self.text_shape}")
+            raise ValueError(f"{sample}: latents {tuple(latents.shape)} and prompt_embeds {tuple(prompt_embeds.shape)}, "
+                             f"the first sample had {self.latent_shape} and {self.text_shape}")
         self.pending.append((latents.detach().cpu(), prompt_embeds.detach().cpu(), caption))
         if len(self.pending) == self.shard_size:
             self._flush()
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
+        from weights_convert.safetensors_io import write_file
 
         if not self.pending:
             return
         name = f"shard_{len(self.entries):05d}.safetensors"
-        latents = torch.stack([p[0] for p in self.pending]).transpose(1, 2).contiguous()  # (n, C, F, h, w)
-        text = torch.stack([p[1] for p in self.pending]).contiguous()
+        latents = torch.stack([p[0] for p in self.pending]).transpose(1, 2)  # (n, C, F, h, w)
+        text = torch.stack([p[1] for p in self.pending])  # (n, S, D)
         captions = json.dumps([p[2] for p in self.pending], ensure_ascii=False)
-        save_file({LATENTS_KEY: latents, PROMPT_KEY: text}, os.path.join(self.partial, name), metadata={"captions": captions})
+        write_file(os.path.join(self.partial, name), [(LATENTS_KEY, latents), (PROMPT_KEY, text)], {"captions": captions})
         self.entries.append({"file": name, "samples": len(self.pending)})
         self.pending = []
+
+    def close(self) -> None:
+        """Write the last shard, the negative embedding and the index, and rename the folder to ``root``
+        (ValueError when no sample was added). Afterwards, done or not, no partial folder is left."""
+        from weights_convert.safetensors_io import write_file
+
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._flush()
+            if not self.entries:
+                raise ValueError(f"DatasetWriter {self.root}: no samples to write")
+            if self.negative is not None:
+                if self.negative.numel() != math.prod(self.text_shape):
+                    raise ValueError(f"DatasetWriter negative: {tuple(self.negative.shape)}, the prompt embeddings "
+                                     f"are {self.text_shape}")
+                negative = self.negative.detach().cpu().reshape(1, *self.text_shape)  # (1, S, D)
+                write_file(os.path.join(self.partial, NEGATIVE_FILE), [(NEGATIVE_KEY, negative)])
+            f, c, h, w = self.latent_shape
+            index = {"format": FORMAT, "version": 1, "latent_shape": [c, f, h, w], "text_shape": list(self.text_shape),
+                     "shards": self.entries}
+            with open(os.path.join(self.partial, INDEX), "w") as out:
+                json.dump(index, out, indent=2)
+            if os.path.isdir(self.root):
+                os.rmdir(self.root)  # empty, checked when the writer was made
+            os.rename(self.partial, self.root)
+        finally:
+            self._discard()
 
     def __enter__(self) -> "DatasetWriter":
         return self
 
     def __exit__(self, kind, value, traceback) -> None:
-        from safetensors.torch import save_file
+        if kind is None:
+            self.close()
+        else:
+            self.closed = True
+            self._discard()
 
-        from weights_convert.partials import discard
 
-        try:
-            if kind is None:
-                self._flush()
-                if not self.entries:
-                    raise ValueError("no samples to write")
-                if self.negative is not None:
-                    save_file({NEGATIVE_KEY: self.negative.detach().cpu().reshape(1, *self.text_shape).contiguous()},
-                              os.path.join(self.partial, NEGATIVE_FILE))
-                f, c, h, w = self.latent_shape
-                index = {"format": FORMAT, "version": 1, "latent_shape": [c, f, h, w], "text_shape": list(self.text_shape),
-                         "shards": self.entries}
-                with open(os.path.join(self.partial, INDEX), "w") as out:
-                    json.dump(index, out, indent=2)
-                if os.path.isdir(self.root):
-                    os.rmdir(self.root)  # empty, checked when the writer was made
-                os.rename(self.partial, self.root)
-        finally:
-            discard(self.partial)
+def _check_values(what: str, tensor: torch.Tensor) -> None:
+    """A floating-point tensor with every value finite, or one line naming ``what``."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"{what}: must be a floating-point tensor, got {got}")
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise ValueError(f"{what}: {bad} of {tensor.numel()} values are NaN or infinite")
 
 
 def _shape(index: dict, key: str, dims: int, where: str) -> Tuple[int, ...]:

@@ -5,7 +5,8 @@ names contain one of their targets: self-attention q, k, v, o (``attn1.to_q`` ..
 (``ffn.net.0.proj``, ``ffn.net.2``) and both time MLPs (``time_embedder``, ``delta_embedder``).
 :func:`inject_lora` takes the same targets, or our own names (``self_attn.q``, ``ffn.fc_in``,
 ``source_time_mlp``, ...), and matches them as the authors do: a target selects every linear module
-whose name contains it. Each selected :class:`anyflow.model.layers.Linear` becomes a :class:`LoRALinear`,
+whose name contains it (a bare string is one target: ``"attn1.to_q"`` selects the q projections).
+Each selected :class:`anyflow.model.layers.Linear` becomes a :class:`LoRALinear`,
 
     y = W x + b + (alpha / rank) * B (A x)        A (rank, in), B (out, rank)
 
@@ -25,7 +26,7 @@ import difflib
 import json
 import math
 import os
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -78,14 +79,20 @@ def linear_modules(model: nn.Module) -> Dict[str, Tuple[str, Linear]]:
             if isinstance(module, Linear) and not name.endswith((".lora_A", ".lora_B"))}
 
 
-def match_targets(model: nn.Module, targets: Sequence[str]) -> List[str]:
-    """Our names of the linear modules whose diffusers name or our name contains one of ``targets``.
+def match_targets(model: nn.Module, targets: Union[str, Sequence[str]]) -> List[str]:
+    """Our names of the linear modules whose diffusers name or our name contains one of ``targets``
+    (a sequence of strings, or one string: one target).
 
-    A target that selects nothing is refused by name, with the nearest module name it may have meant.
+    A target that selects nothing is refused by name, with the nearest module name it may have meant;
+    anything but a non-empty string or a non-empty sequence of them, in one line.
     """
+    listed = [targets] if isinstance(targets, str) else targets
+    if not (isinstance(listed, Sequence) and listed and all(isinstance(t, str) and t for t in listed)):
+        raise ValueError(f"LoRA targets must be a non-empty string (a part of module names) or a non-empty list of "
+                         f"them, got {targets!r}")
     candidates = linear_modules(model)
     chosen = []
-    for target in targets:
+    for target in listed:
         hits = [ours for ours, (theirs, _) in candidates.items() if target in theirs or target in ours]
         if not hits:
             names = sorted({n.split(".", 2)[2] if n.startswith("blocks.") else n
@@ -98,9 +105,10 @@ def match_targets(model: nn.Module, targets: Sequence[str]) -> List[str]:
     return chosen
 
 
-def inject_lora(model: nn.Module, targets: Sequence[str], rank: int, alpha: float,
+def inject_lora(model: nn.Module, targets: Union[str, Sequence[str]], rank: int, alpha: float,
                 generator: Optional[torch.Generator] = None) -> List[str]:
-    """Wrap the linear modules ``targets`` select (see :func:`match_targets`) in :class:`LoRALinear`, in place.
+    """Wrap the linear modules ``targets`` select (see :func:`match_targets`; one string is one target) in
+    :class:`LoRALinear`, in place.
 
     Returns our names of the wrapped modules. The new factors are on the base weights' device and
     in their dtype, A drawn from ``generator`` (a CPU one; None: the global one), in module order;

@@ -20,6 +20,8 @@ def write_loss_curve(log_path: str, png_path: str, width: int = 800, panel_heigh
     """Draw every ``*loss`` series of a ``train_log.jsonl`` into ``png_path`` (``width`` x ``panel_height``
     pixels a panel), one panel each: the values faint, their moving average solid, over the steps.
     False when the log has no losses; an ImportError naming the extra without matplotlib."""
+    from weights_convert.partials import discard, partial_path
+
     records = [json.loads(line) for line in open(log_path) if line.strip()]
     names = [k for k in records[0] if k.endswith("loss")] if records else []
     if not names:
@@ -48,12 +50,11 @@ def write_loss_curve(log_path: str, png_path: str, width: int = 800, panel_heigh
         axis.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")
     figure.tight_layout()
-    partial = f"{png_path}.partial-{os.getpid()}.png"
+    partial = partial_path(png_path)
     try:
-        figure.savefig(partial)
+        figure.savefig(partial, format="png")
         os.replace(partial, png_path)
     finally:
         pyplot.close(figure)
-        if os.path.exists(partial):
-            os.remove(partial)
+        discard(partial)
     return True
