@@ -1,9 +1,9 @@
 """Make the tiny AnyFlow checkpoints that ship in ``anyflow/assets`` (run once; needs the test extra).
 
-    python scripts/make_tiny_checkpoint.py [--only tiny|tiny_far] [--out DIR] [--force]
+    python scripts/make_tiny_checkpoint.py [--only tiny|tiny_far|tiny_snapshot] [--out DIR] [--force]
 
-They are written as ``DIR/tiny`` and ``DIR/tiny_far`` (DIR: ``anyflow/assets`` unless ``--out``
-says otherwise; it must exist). An existing one is refused unless ``--force`` replaces it.
+They are written as ``DIR/tiny``, ``DIR/tiny_far`` and ``DIR/tiny_snapshot`` (DIR: ``anyflow/assets``
+unless ``--out`` says otherwise; it must exist). An existing one is refused unless ``--force`` replaces it.
 
 ``tiny``: a random AnyFlow transformer with the real latent and text widths (16 channels, UMT5
 width 4096) but a tiny body, saved by the oracle's ``save_pretrained`` in the Hub diffusers
@@ -15,6 +15,10 @@ of a 7-frame video): the oracle's rollout, and ``AnyFlowFARPipeline``'s latents 
 steps and for 2 steps from one given frame. Its latents are 16 x 32 (128 tokens a frame), so the
 pipeline's cached step pads nothing (see the README on that deviation) and its outputs are the
 authors' math.
+
+``tiny_snapshot``: a complete FAR pipeline snapshot as published (``model_index.json``, ``tokenizer/``,
+``text_encoder/``, ``transformer/``, ``vae/``, ``scheduler/``) with tiny random components wired
+together (``tests/snapshot_fixtures.py``), so that ``anyflow demo`` makes a video end to end.
 
 ``anyflow demo`` checks against these without needing diffusers.
 """
@@ -120,15 +124,26 @@ def make_far(folder: str) -> None:
     save_with_golden(folder, model, "AnyFlowFARPipeline", golden)
 
 
+def make_snapshot(folder: str) -> None:
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(ASSETS_ROOT), "..", "tests"))
+    from snapshot_fixtures import make_tiny_snapshot
+
+    make_tiny_snapshot(folder, far=True, seed=SEED)
+    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
+    print(f"wrote {folder} ({total / 1e6:.2f} MB)")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="make_tiny_checkpoint.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=("tiny", "tiny_far"), help="make one of the two (default: both)")
+    parser.add_argument("--only", choices=("tiny", "tiny_far", "tiny_snapshot"), help="make one of them (default: all)")
     parser.add_argument("--out", default=ASSETS_ROOT, metavar="DIR",
-                        help="an existing folder to write tiny/ and tiny_far/ into (default: the package's assets)")
+                        help="an existing folder to write them into (default: the package's assets)")
     parser.add_argument("--force", action="store_true", help="replace existing checkpoints")
     args = parser.parse_args(argv)
-    makers = {"tiny": make_bidirectional, "tiny_far": make_far}
+    makers = {"tiny": make_bidirectional, "tiny_far": make_far, "tiny_snapshot": make_snapshot}
     chosen = {name: os.path.join(args.out, name) for name in makers if args.only in (None, name)}
     if not os.path.isdir(args.out):
         raise SystemExit(f"{parser.prog}: error: --out {args.out}: no such folder")

@@ -91,6 +91,8 @@ def prepare(args: argparse.Namespace) -> int:
         raise ValueError(f"--frames must be 4k + 1 (the VAE's temporal compression), got {args.frames}")
     if args.height % 16 or args.width % 16:
         raise ValueError(f"--height and --width must be multiples of 16, got {args.height} x {args.width}")
+    if args.shard_size < 1:
+        raise ValueError(f"--shard-size must be at least 1 (samples a shard file), got {args.shard_size}")
     found = clips(args.videos)
     device = resolve_device(args.device)
     pipe = VideoPipeline.from_pretrained(args.model, device=device, keep_text_encoder=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import importlib.util
 import os
 import re
 import shutil
@@ -35,11 +36,22 @@ def test_help_does_not_import_torch():
 
 
 @pytest.mark.reference  # compares with stored diffusers outputs
-def test_demo_passes(capsys):
-    assert main(["demo"]) == 0
+def test_demo_passes_and_makes_a_video(tmp_path, capsys):
+    out = tmp_path / "demo.mp4"
+    out.write_bytes(b"kept")  # an existing video is kept: the next free name is taken
+    assert main(["demo", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "demo passed" in printed and printed.count("(ok)") == 2 and printed.count(" ok\n") == 7
     assert "FAIL" not in printed and "== FAR ==" in printed
+    assert out.read_bytes() == b"kept"
+    if importlib.util.find_spec("av") is None or importlib.util.find_spec("tokenizers") is None:
+        assert "skipped: the video part needs the video extra" in printed
+        return
+    from anyflow.pipeline.video_io import read_frames
+
+    made = tmp_path / "demo-1.mp4"
+    assert f"the demo video: {made}" in printed and "to make it again: anyflow generate --model " in printed
+    assert read_frames(str(made)).shape == (17, 128, 128, 3)
 
 
 @pytest.mark.reference

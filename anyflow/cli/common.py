@@ -158,16 +158,15 @@ def loaded_details(args: argparse.Namespace, adapters: List[tuple]) -> str:
 class ClaimedOutput:
     """The output file, claimed before the expensive part: a hidden partial file in the target folder
     (which proves it writable), renamed onto the target when complete and removed otherwise. Partial
-    files that dead processes left for the same target are removed first."""
+    files that dead processes left in that folder are removed first."""
 
     def __init__(self, out: str, argument: str = "--out"):
-        from weights_convert.partials import partial_path, remove_stale
+        from weights_convert.partials import partial_path
 
         self.out = out
         try:
-            remove_stale(out)
-            self.partial = partial_path(out)
-            os.close(os.open(self.partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            self.partial = partial_path(out)  # (dead processes' partials in its folder are removed first)
+            os.close(os.open(self.partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask applies
         except OSError as exc:
             raise ValueError(f"{argument} {out}: cannot write in {os.path.dirname(os.path.abspath(out))}: "
                              f"{exc.strerror}") from None
