@@ -203,3 +203,60 @@ def test_the_pipeline_names_its_inputs(tmp_path):
     with pytest.raises(ValueError, match=r"latents must be floats \(B, F, C=4, h, w\), frames before channels .* got "
                                          r"\(1, 4, 3, 4, 4\)"):
         pipe.decode(torch.zeros(1, 4, 3, 4, 4))  # a file's (B, C, F, h, w), not transposed
+
+
+@needs_video
+def test_generate_makes_a_video_per_prompt_and_seed_with_the_model_loaded_once(tmp_path, capsys):
+    from anyflow import VideoPipeline
+    from anyflow.pipeline.video_io import read_frames
+    from snapshot_fixtures import make_tiny_snapshot
+
+    snapshot = make_tiny_snapshot(tmp_path / "snapshot")
+    (tmp_path / "prompts.txt").write_text("a red fox\n\n# a comment\na cat on a wall\n")
+    assert main(["generate", "--model", snapshot, "--prompts", str(tmp_path / "prompts.txt"), "--seed", "1", "2",
+                 "--frames", "5", "--height", "32", "--width", "32", "--steps", "1", "--device", "cpu",
+                 "--out", str(tmp_path / "v.png")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("loaded ") == 1 and "for 2 prompt(s)" in printed
+    names = ["v-001-seed1.png", "v-001-seed2.png", "v-004-seed1.png", "v-004-seed2.png"]  # prompt line, seed
+    assert sorted(os.listdir(tmp_path)) == sorted(names + ["prompts.txt", "snapshot"])
+    pipe = VideoPipeline.from_pretrained(snapshot)
+    for name, prompt, seed in zip(names, ["a red fox"] * 2 + ["a cat on a wall"] * 2, [1, 2, 1, 2]):
+        expected = pipe(prompt, num_frames=5, height=32, width=32, num_steps=1, seed=seed, output="uint8")[0].numpy()
+        written = read_frames(str(tmp_path / name))
+        assert written.shape == expected.shape and abs(written.astype(int) - expected.astype(int)).max() <= 1, name
+
+
+@needs_video
+def test_vae_tiling_from_the_command_and_the_pipeline_is_the_vaes(tmp_path, capsys):
+    from anyflow import VideoPipeline
+    from anyflow.pipeline.video_io import read_frames
+    from snapshot_fixtures import make_tiny_snapshot
+
+    snapshot = make_tiny_snapshot(tmp_path / "snapshot")
+    pipe = VideoPipeline.from_pretrained(snapshot)
+    run = dict(num_frames=5, height=64, width=64, num_steps=1, seed=3)
+    latents = pipe("a fox", output="latents", **run)
+    tiled = pipe("a fox", vae_tile=(32, 16), **run)
+    assert torch.equal(tiled, pipe.decode(latents, vae_tile=(32, 16)))  # the same computation, in this thread
+    assert (tiled - pipe("a fox", **run)).abs().max() > 0  # tiles were used: their seams differ a little
+    assert main(["generate", "--model", snapshot, "--prompt", "a fox", "--frames", "5", "--height", "64", "--width",
+                 "64", "--steps", "1", "--seed", "3", "--device", "cpu", "--vae-tile", "32", "16",
+                 "--out", str(tmp_path / "v.png")]) == 0
+    written = read_frames(str(tmp_path / "v.png"))
+    expected = (tiled[0] * 255).round().to(torch.uint8).numpy()
+    assert abs(written.astype(int) - expected.astype(int)).max() <= 1
+    assert main(["generate", "--model", snapshot, "--prompt", "a fox", "--frames", "5", "--height", "64", "--width",
+                 "64", "--vae-tile", "30", "--device", "cpu", "--out", str(tmp_path / "w.png")]) == 1
+    assert "--vae-tile 30: give it alone" in capsys.readouterr().err
+
+
+def test_the_memory_estimate_knows_the_tiled_decoder():
+    from anyflow.runtime.memory import MemoryEstimate, estimate_generation_memory
+
+    sampling = MemoryEstimate(weights=2**30, latents=0, context=0, activations=2**30)
+    sizes = dict(vae_weight_bytes=2**28, vae_base_dim=96, text_block_bytes=2**28, text_width=4096, text_ffn_width=10240,
+                 text_heads=64, height=720, width=1280)
+    whole, tiled = estimate_generation_memory(sampling, **sizes), estimate_generation_memory(sampling, **sizes, vae_tile=256)
+    decoding = {name: dict(e.stages)["decoding"] for name, e in (("whole", whole), ("tiled", tiled))}
+    assert decoding["tiled"] < decoding["whole"] / 4

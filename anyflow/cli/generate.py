@@ -14,8 +14,9 @@ import argparse
 import contextlib
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from itertools import accumulate
+from typing import List, Optional, Tuple
 
 from ..model.parameters import FLOAT8_NAME
 from ..pipeline.video_io import MAX_FPS, MAX_GIF_FPS
@@ -41,7 +42,11 @@ def add_command(commands) -> None:
         "the memory of every stage estimated, before anything loads.",
     )
     generate.add_argument("--model", required=True, metavar="SNAPSHOT", help="pipeline snapshot folder")
-    generate.add_argument("--prompt", required=True, help="the text prompt")
+    prompt = generate.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the text prompt")
+    prompt.add_argument("--prompts", metavar="FILE", help="a text file of prompts, one a line (blank lines and lines "
+                        "starting with # skipped): one video each (and one for each --seed), the model loaded once; "
+                        "the files are named OUT-NNN-seedS (NNN: the prompt's number in the file)")
     generate.add_argument("--negative-prompt", help="negative prompt (used with --guidance-scale > 1 only)")
     generate.add_argument("--image", metavar="FILE", help="start the video with this image (its size must be "
                           "--width x --height): image-to-video")
@@ -57,7 +62,8 @@ def add_command(commands) -> None:
                           help="classifier-free guidance (default 1: off; the released weights need none)")
     generate.add_argument("--chunk-partition", type=int, nargs="+", metavar="N",
                           help="FAR snapshots: latent frames of each chunk (default the checkpoint's)")
-    generate.add_argument("--seed", type=seed_number, default=0, help=SEED_HELP)
+    generate.add_argument("--seed", type=seed_number, nargs="+", default=[0], metavar="SEED",
+                          help=f"{SEED_HELP}; several seeds make one video each")
     generate.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                           help="transformer and text encoder dtype; auto = float32 on CPU, bfloat16 on CUDA "
                           "(float16 on GPUs before Ampere, which have no bfloat16 units) "
@@ -72,6 +78,10 @@ def add_command(commands) -> None:
     generate.add_argument("--lora-skip-unknown", action="store_true", help=LORA_SKIP_HELP)
     generate.add_argument("--offload", action="store_const", const="blocks", default=None,
                           help=f"block offload of the transformer: {OFFLOAD_HELP}")
+    generate.add_argument("--vae-tile", type=int, nargs="*", metavar="PIXELS",
+                          help="decode in overlapping spatial tiles, blended as diffusers' enable_tiling(): the "
+                          "decoder holds a tile, not a frame (frames differ slightly where tiles meet); alone 256-pixel "
+                          "tiles every 192, or TILE STRIDE in pixels (multiples of 8)")
     generate.add_argument("--fps", type=float, default=16.0,
                           help=f"frames per second of the file, above 0 and at most {MAX_FPS:g} (.gif: {MAX_GIF_FPS:g}; "
                           "default 16, Wan's)")
@@ -116,13 +126,16 @@ def run_generate(args: argparse.Namespace) -> int:
     if os.path.splitext(args.out)[1].lower() not in VIDEO_EXTENSIONS:
         raise ValueError(f"--out {args.out}: a video file ends in one of {', '.join(VIDEO_EXTENSIONS)}")
     video_format(args.out)
-    inputs = [("--model", args.model), ("--image", args.image), ("--video", args.video)]
+    inputs = [("--model", args.model), ("--image", args.image), ("--video", args.video), ("--prompts", args.prompts)]
     inputs += [("--lora", path) for path, _ in adapters]
-    check_output_path(args.out, args.force, inputs)
-    if args.save_latents:
-        if not args.save_latents.endswith(".safetensors"):
-            raise ValueError(f"--save-latents {args.save_latents}: latents are written as a .safetensors file")
-        check_output_path(args.save_latents, args.force, inputs + [("--out", args.out)], "--save-latents")
+    if args.save_latents and not args.save_latents.endswith(".safetensors"):
+        raise ValueError(f"--save-latents {args.save_latents}: latents are written as a .safetensors file")
+    jobs = video_jobs(args)
+    for job in jobs:
+        check_output_path(job.out, args.force, inputs)
+        if job.latents:
+            check_output_path(job.latents, args.force, inputs + [("--out", job.out)], "--save-latents")
+    vae_tile = check_vae_tile(args.vae_tile)
     frames, h, w = latent_shape(args.frames, args.height, args.width, CLI_NAMES)
     if not math.isfinite(args.guidance_scale):
         raise ValueError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
@@ -165,7 +178,7 @@ def run_generate(args: argparse.Namespace) -> int:
             given = read_given_frames(argument, path, args.height, args.width, single=argument == "--image")
     call = dict(negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height, width=args.width,
                 num_steps=args.steps, sigmas=args.sigmas, shift=shift, guidance_scale=args.guidance_scale,
-                seed=args.seed, chunk_partition=args.chunk_partition,
+                chunk_partition=args.chunk_partition, vae_tile=vae_tile,
                 image=given if args.image else None, video=given if args.video else None)
     partition = check_chunks(args, config, frames)
     given_latents = 0 if given is None else 1 if args.image else (given.shape[0] - 1) // 4 + 1
@@ -186,7 +199,8 @@ def run_generate(args: argparse.Namespace) -> int:
     element_size = torch.empty(0, dtype=dtype).element_size()
     sampling = estimate_sampling_run(args, transformer, noise_shape, TEXT_TOKENS, partition, guided, device, dtype)
     memory = estimate_generation_memory(sampling, **component_sizes(snapshot, element_size), height=args.height,
-                                        width=args.width)
+                                        width=args.width, prompts=len({job.prompt for job in jobs}) * (1 + guided),
+                                        vae_tile=None if vae_tile is False else (256 if vae_tile is True else vae_tile[0]))
     free = available_memory(device)
     print(f"memory: {memory.describe()}; {gib(free) if free is not None else 'unknown'} available on {device}", flush=True)
     if free is not None and memory.peak > free:
@@ -196,60 +210,124 @@ def run_generate(args: argparse.Namespace) -> int:
     compute = (estimate_far_sampling_compute(config, noise_shape, TEXT_TOKENS, steps, partition, given_latents) if far
                else estimate_sampling_compute(config, noise_shape, TEXT_TOKENS, steps, guided))
     compute = replace(compute, rate=measure_matmul_rate(device, dtype, config.hidden_size))
-    print(f"compute (sampling): {compute.describe()}", flush=True)
+    compute = replace(compute, flops=compute.flops * len(jobs), forwards=compute.forwards * len(jobs))
+    print(f"compute (sampling{f', {len(jobs)} videos' if len(jobs) > 1 else ''}): {compute.describe()}", flush=True)
     if args.max_hours and compute.seconds > 3600 * args.max_hours:
         raise ValueError(f"--frames {args.frames} --height {args.height} --width {args.width} --steps {steps}: sampling "
                          f"needs about {compute.flops:.1e} FLOPs, about {duration(compute.seconds)} on {device}, more "
                          f"than --max-hours {args.max_hours:g}; use fewer frames, pixels or steps, or raise --max-hours "
                          "(0 turns the check off)")
 
-    # ---- the run ----------------------------------------------------------------------------------
-    latents_claim = ClaimedOutput(args.save_latents, "--save-latents") if args.save_latents else contextlib.nullcontext()
-    with ClaimedOutput(args.out) as video_out, latents_claim as latents_out:
-        start = time.perf_counter()
-        pipeline = VideoPipeline.from_pretrained(args.model, dtype=dtype, device=device, lora=adapters,
-                                                 lora_skip_unknown=args.lora_skip_unknown, offload=args.offload,
-                                                 weight_dtype=args.weight_dtype)
-        if args.compile:
-            pipeline.transformer.compile_blocks()
-        print(f"loaded {args.model}: {'FAR' if far else 'bidirectional'} transformer "
-              f"({format_count(sum(p.numel() for p in pipeline.transformer.parameters()))} parameters, {dtype}"
-              + loaded_details(args, adapters) + f"), VAE, tokenizer on {device} in {time.perf_counter() - start:.1f} s",
-              flush=True)
-        stage = time.perf_counter()
-        text = pipeline.encode_prompt([args.prompt] + ([args.negative_prompt] if guided else []))
-        text, negative = (text[:1], text[1:]) if guided else (text, None)
-        print(f"  text encoder: {time.perf_counter() - stage:.1f} s (streamed block by block, then freed)", flush=True)
+    # ---- the run: the model loaded once, then each video ---------------------------------------------
+    start = time.perf_counter()
+    pipeline = VideoPipeline.from_pretrained(args.model, dtype=dtype, device=device, lora=adapters,
+                                             lora_skip_unknown=args.lora_skip_unknown, offload=args.offload,
+                                             weight_dtype=args.weight_dtype)
+    if args.compile:
+        pipeline.transformer.compile_blocks()
+    print(f"loaded {args.model}: {'FAR' if far else 'bidirectional'} transformer "
+          f"({format_count(sum(p.numel() for p in pipeline.transformer.parameters()))} parameters, {dtype}"
+          + loaded_details(args, adapters) + f"), VAE, tokenizer on {device} in {time.perf_counter() - start:.1f} s",
+          flush=True)
+    stage = time.perf_counter()
+    prompts = list(dict.fromkeys(job.prompt for job in jobs))  # each prompt encoded once, in one pass
+    embeddings = pipeline.encode_prompt(prompts + ([args.negative_prompt] if guided else []))
+    print(f"  text encoder: {time.perf_counter() - stage:.1f} s for {len(embeddings)} prompt(s) (streamed block by "
+          "block, then freed)", flush=True)
+    negative = embeddings[-1:] if guided else None
+    chunks = [i for i, end in enumerate(accumulate(partition)) if end > given_latents] if far else [None]
+    for number, job in enumerate(jobs, 1):
+        if len(jobs) > 1:
+            print(f"video {number}/{len(jobs)}: prompt {job.index} ({job.prompt[:60]!r}), seed {job.seed}", flush=True)
+        text = embeddings[prompts.index(job.prompt)][None]
+        latents_claim = ClaimedOutput(job.latents, "--save-latents") if job.latents else contextlib.nullcontext()
+        with ClaimedOutput(job.out) as video_out, latents_claim as latents_out:
+            began = time.perf_counter()
+            progress = Progress(len(chunks) * steps, print)
+            writer = VideoWriter(video_out.partial, args.width, args.height, args.fps, extension_of=job.out)
+            kept = {}
 
-        chunks = [i for i, end in enumerate(accumulate(partition)) if end > given_latents] if far else [None]
-        progress = Progress(len(chunks) * steps, print)
-        writer = VideoWriter(video_out.partial, args.width, args.height, args.fps, extension_of=args.out)
-        kept = {}
+            def on_step(chunk, i, t):
+                where = "" if chunk is None else f"chunk {chunk + 1}/{len(partition)} ({partition[chunk]} frames)"
+                progress.step(where, t, 1000 * schedule[i + 1].item())
+                kept["decode from"] = time.perf_counter()
 
-        def on_step(chunk, i, t):
-            where = "" if chunk is None else f"chunk {chunk + 1}/{len(partition)} ({partition[chunk]} frames)"
-            progress.step(where, t, 1000 * schedule[i + 1].item())
-            kept["decode from"] = time.perf_counter()
+            def on_frames(frames):
+                writer.write(to_uint8(frames[0]))
+                progress.note(f"  decoded frames {writer.frames - frames.shape[1] + 1}-{writer.frames} and appended them "
+                              f"to the video in {time.perf_counter() - kept.get('decode from', time.perf_counter()):.1f} s")
+                progress.last = time.perf_counter()  # the next step's time leaves the decoding out
 
-        def on_frames(frames):
-            writer.write(to_uint8(frames[0]))
-            progress.note(f"  decoded frames {writer.frames - frames.shape[1] + 1}-{writer.frames} and appended them to "
-                          f"the video in {time.perf_counter() - kept.get('decode from', time.perf_counter()):.1f} s")
-            progress.last = time.perf_counter()  # the next step's time leaves the decoding out
-
-        try:
-            pipeline(args.prompt, prompt_embeds=text, negative_prompt_embeds=negative, callback=on_step,
-                     on_frames=on_frames, on_latents=lambda latents: kept.update(latents=latents), **call)
-        finally:
-            writer.close()
-        if latents_out is not None:
-            latents_out.commit([(LATENTS_KEY, kept["latents"].transpose(1, 2).contiguous().cpu())],
-                               {"seed": str(args.seed), "steps": str(steps), "shift": str(shift)})
-        video_out.finish()
-    print(f"wrote {args.out}: {writer.frames} frames of {args.width}x{args.height} at {args.fps:g} fps"
-          + (f", and {args.save_latents}" if args.save_latents else "")
-          + f" in {time.perf_counter() - start:.1f} s")
+            try:
+                pipeline(job.prompt, prompt_embeds=text, negative_prompt_embeds=negative, seed=job.seed, callback=on_step,
+                         on_frames=on_frames, on_latents=lambda latents: kept.update(latents=latents), **call)
+            finally:
+                writer.close()
+            if latents_out is not None:
+                latents_out.commit([(LATENTS_KEY, kept["latents"].transpose(1, 2).contiguous().cpu())],
+                                   {"seed": str(job.seed), "steps": str(steps), "shift": str(shift),
+                                    "prompt": job.prompt})
+            video_out.finish()
+        print(f"wrote {job.out}: {writer.frames} frames of {args.width}x{args.height} at {args.fps:g} fps"
+              + (f", and {job.latents}" if job.latents else "") + f" in {time.perf_counter() - began:.1f} s", flush=True)
     return 0
+
+
+@dataclass(frozen=True)
+class VideoJob:
+    """One video of a run: its prompt (and the prompt's number in --prompts), seed and output files."""
+
+    index: int
+    prompt: str
+    seed: int
+    out: str
+    latents: Optional[str]
+
+
+def video_jobs(args: argparse.Namespace) -> List[VideoJob]:
+    """The videos a ``generate`` run makes: one, or one for each prompt of --prompts and each --seed, named
+    ``STEM-NNN-seedS.EXT`` after --out (and --save-latents) when there are several."""
+    prompts = [(1, args.prompt)] if args.prompts is None else read_prompts(args.prompts)
+    pairs = [(index, prompt, seed) for index, prompt in prompts for seed in args.seed]
+    if len(set(args.seed)) != len(args.seed):
+        raise ValueError(f"--seed {' '.join(map(str, args.seed))}: a seed given twice would make the same video twice")
+
+    def named(path: Optional[str], index: int, seed: int) -> Optional[str]:
+        if path is None or len(pairs) == 1:
+            return path
+        stem, extension = os.path.splitext(path)
+        return f"{stem}-{index:03d}-seed{seed}{extension}"
+
+    return [VideoJob(index, prompt, seed, named(args.out, index, seed), named(args.save_latents, index, seed))
+            for index, prompt, seed in pairs]
+
+
+def read_prompts(path: str) -> List[Tuple[int, str]]:
+    """The prompts of a --prompts file with their line numbers: one a line, blank lines and # comments skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise ValueError(f"--prompts {path}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompts {path}: not UTF-8 text") from None
+    prompts = [(number, line.strip()) for number, line in enumerate(lines, 1)
+               if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"--prompts {path}: holds no prompt (one a line; blank lines and # comments are skipped)")
+    return prompts
+
+
+def check_vae_tile(values: Optional[List[int]]):
+    """--vae-tile: off (None), the default tiles (given alone: True), or (tile, stride) in pixels."""
+    if values is None:
+        return False
+    if not values:
+        return True
+    if len(values) != 2 or any(v < 8 or v % 8 for v in values) or values[1] > values[0]:
+        raise ValueError(f"--vae-tile {' '.join(map(str, values))}: give it alone (256-pixel tiles every 192) or TILE "
+                         "STRIDE in pixels, multiples of 8, the stride at most the tile")
+    return tuple(values)
 
 
 def read_given_frames(argument: str, path: str, height: int, width: int, single: bool):

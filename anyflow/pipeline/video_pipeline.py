@@ -32,6 +32,8 @@ from ..sampling.far import sample_far
 from ..sampling.schedule import flow_map_sigmas, steps_to_run
 from .snapshot import Snapshot, check_components, read_snapshot
 
+Tile = Union[bool, Tuple[int, int]]  # as anyflow.vae's decoders take it
+
 Frames = Union[torch.Tensor, "numpy.ndarray"]  # noqa: F821
 
 
@@ -118,19 +120,20 @@ class VideoPipeline:
         with torch.no_grad():
             return self.vae.encode(video.permute(0, 4, 1, 2, 3) * 2 - 1).transpose(1, 2)  # (B, F, C, h, w)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (B, F, C, h, w) -> frames (B, 4 (F - 1) + 1, 8 h, 8 w, 3), float in [0, 1]."""
+    def decode(self, latents: torch.Tensor, vae_tile: Tile = False) -> torch.Tensor:
+        """Latents (B, F, C, h, w) -> frames (B, 4 (F - 1) + 1, 8 h, 8 w, 3), float in [0, 1]; ``vae_tile`` as in
+        :meth:`__call__`."""
         channels = self.vae.config.z_dim
         if not isinstance(latents, torch.Tensor) or latents.dim() != 5 or latents.shape[2] != channels \
                 or not latents.is_floating_point() or 0 in latents.shape:
             shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ValueError(f"latents must be floats (B, F, C={channels}, h, w), frames before channels as sample and "
                              f"the pipeline return them (a file's (B, C, F, h, w): .transpose(1, 2)), got {shape}")
-        return torch.cat(list(self._decoded_chunks([latents])), dim=1)
+        return torch.cat(list(self._decoded_chunks([latents], vae_tile)), dim=1)
 
-    def _decoded_chunks(self, chunks):
+    def _decoded_chunks(self, chunks, vae_tile: Tile = False):
         """Frames (B, F', H, W, 3) in [0, 1] for each latent chunk (B, n, C, h, w), decoded causally in order."""
-        stream = self.vae.decoder_stream()
+        stream = self.vae.decoder_stream(tile=vae_tile)
         with torch.no_grad():
             for chunk in chunks:
                 yield _to_frames(stream.push(chunk.transpose(1, 2).to(self.device)))
@@ -154,6 +157,7 @@ class VideoPipeline:
         image: Optional[Frames] = None,
         video: Optional[Frames] = None,
         chunk_partition: Optional[Sequence[int]] = None,
+        vae_tile: Tile = False,
         output: str = "float",
         callback: Optional[Callable[[Optional[int], int, float], None]] = None,
         on_frames: Optional[Callable[[torch.Tensor], None]] = None,
@@ -174,6 +178,9 @@ class VideoPipeline:
             image, video: given frames the video starts with: an image (H, W, 3) or (B, H, W, 3), or a clip
                 (F', H, W, 3) or (B, F', H, W, 3), F' = 4k + 1, float in [0, 1] or uint8, of the video's size.
             chunk_partition: FAR snapshots: latent frames per chunk (default the checkpoint's).
+            vae_tile: decode in overlapping spatial tiles (True: 256 pixels every 192, as diffusers'
+                ``enable_tiling()``; or (tile, stride) in pixels): the decoder's memory is a tile's, not a
+                frame's; frames differ slightly where tiles meet (:mod:`anyflow.vae.tiling`).
             output: ``"float"`` frames (B, F', H, W, 3) in [0, 1], ``"uint8"`` the same rounded, or
                 ``"latents"`` (B, F, C, h, w) in the transformer's dtype, not decoded.
             callback: progress, called after every sampler step as ``callback(chunk, step_index, t)``
@@ -213,7 +220,7 @@ class VideoPipeline:
 
         decoded: List[torch.Tensor] = []
         if self.far:
-            stream = self.vae.decoder_stream() if output != "latents" else None
+            stream = self.vae.decoder_stream(tile=vae_tile) if output != "latents" else None
 
             def chunk_ready(index: int, latents: torch.Tensor) -> None:
                 if stream is None:
@@ -232,7 +239,7 @@ class VideoPipeline:
         if on_latents is not None:
             on_latents(latents)
         if not self.far and output != "latents":
-                for frames in self._decoded_chunks([latents]):
+                for frames in self._decoded_chunks([latents], vae_tile):
                     decoded.append(frames)
                     if on_frames is not None:
                         on_frames(frames)

@@ -335,15 +335,23 @@ def estimate_generation_memory(
     width: int,
     batch: int = 1,
     text_tokens: int = 512,
+    vae_tile: Optional[int] = None,
+    prompts: int = 1,
 ) -> StagedMemory:
     """The stages of a prompt-to-video run: the transformer and the VAE stay loaded throughout; the text
-    encoder streams one block at a time (its weights, the embedding rows of the prompt, its activations);
-    sampling adds what :func:`estimate_sampling_memory` counts besides the weights; decoding adds one
-    latent frame's worth of the VAE decoder and the decoded frames of a chunk."""
-    text_activations = batch * text_tokens * (8 * text_width + 3 * text_ffn_width) * 4
-    text_scores = 2 * batch * text_heads * text_tokens * text_tokens * 4
-    text = text_block_bytes + batch * text_tokens * text_width * 4 + text_activations + text_scores
-    decode = VAE_DECODE_BYTES_PER_PIXEL_AND_CHANNEL * batch * height * width * vae_base_dim
+    encoder streams one block at a time (its weights, the embedding rows of the ``prompts`` encoded in one
+    pass, their activations side by side); sampling adds what :func:`estimate_sampling_memory` counts
+    besides the weights; decoding adds one
+    latent frame's worth of the VAE decoder (of one ``vae_tile`` x ``vae_tile`` tile when the decoder tiles)
+    and the decoded frames of a chunk."""
+    encoded = batch * prompts
+    text_activations = encoded * text_tokens * (8 * text_width + 3 * text_ffn_width) * 4
+    text_scores = 2 * encoded * text_heads * text_tokens * text_tokens * 4
+    text = text_block_bytes + encoded * text_tokens * text_width * 4 + text_activations + text_scores
+    pixels = height * width if vae_tile is None else min(height, vae_tile) * min(width, vae_tile)
+    decode = VAE_DECODE_BYTES_PER_PIXEL_AND_CHANNEL * batch * pixels * vae_base_dim
+    if vae_tile is not None:  # the tiles of a frame, and the blended frame, in float32 beside the working tile
+        decode += 2 * batch * height * width * 3 * 4 * 4
     return StagedMemory(
         held=(("transformer", sampling.weights), ("VAE", vae_weight_bytes)),
         stages=(("text encoder", text), ("sampling", sampling.total - sampling.weights), ("decoding", decode)),
