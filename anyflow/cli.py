@@ -146,6 +146,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_command(commands)
 
+    def run_app(args: argparse.Namespace) -> int:
+        from anyflow.app import serve
+
+        return serve(args)
+
+    app = commands.add_parser(
+        "app", help="serve a page to make videos with a snapshot (also usable over HTTP)",
+        description="Serve a web page (Gradio) that makes videos with one pipeline snapshot, loaded once: prompt, "
+        "steps, seed, length, size (and a start image for a FAR snapshot); a FAR snapshot's chunks play as they are "
+        "made. One run at a time, the others queued; the same over HTTP with gradio_client (docs/APP.md). Needs the "
+        'app extra: pip install -e ".[app]". Binds 127.0.0.1 unless --host says otherwise.',
+    )
+    app.add_argument("snapshot", metavar="SNAPSHOT", help="pipeline snapshot folder (as for generate --model)")
+    app.add_argument("--host", default="127.0.0.1",
+                     help="address to serve on (default 127.0.0.1: this machine only; 0.0.0.0 serves every machine "
+                     "that can reach this one, with no login, and prints a warning)")
+    app.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    app.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                     help="transformer and text encoder dtype, as for generate (auto: float32 on CPU, bfloat16 on CUDA)")
+    app.add_argument("--weight-dtype", choices=(FLOAT8_WEIGHTS,), default=None, help=f"the transformer's: {WEIGHT_DTYPE_HELP}")
+    app.add_argument("--offload", action="store_const", const="blocks", default=None,
+                     help=f"block offload of the transformer: {OFFLOAD_HELP}")
+    app.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    app.set_defaults(run=run_app)
+
     inspect = commands.add_parser("inspect", help="describe a checkpoint or a LoRA adapter from its headers",
                                   description="Describe a checkpoint from its headers: format, files, config "
                                   "(and config keys set aside), parameters, dtypes; or a LoRA adapter: format, "
