@@ -337,6 +337,20 @@ def test_a_snapshot_that_cannot_fit_is_refused_before_the_server_starts(snapshot
     assert "left out" in out and "serving" not in out
 
 
+def test_a_port_in_use_is_one_line_before_the_model_loads(snapshots, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["app", snapshots[True], "--port", str(port)]) == 1
+    out, err = capsys.readouterr()
+    assert err == f"anyflow app: error: --host 127.0.0.1 --port {port}: cannot serve there (Address already in use); " \
+                  "choose another --port, or an address of this machine for --host\n"
+    assert out == ""  # nothing estimated or loaded
+
+
 def test_a_public_host_prints_a_warning():
     assert bind_warning("127.0.0.1") is None and bind_warning("localhost") is None
     assert bind_warning("0.0.0.0").startswith("warning: --host 0.0.0.0 serves the page to every machine")

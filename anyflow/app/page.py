@@ -83,5 +83,6 @@ def build_page(studio: Studio, choices: Choices, config, about: dict):
                     api_visibility="private")
         run = start.click(generate, [prompt, negative_prompt, steps, seed, guidance_scale, length, length_unit, width,
                                      height, image], [video, status, record], api_name="generate", concurrency_limit=1)
-        stop.click(None, cancels=[run])
+        stop.click(lambda: (None, "Stopped: the run's files are removed"), None, [video, status], cancels=[run],
+                   queue=False, api_visibility="private")
     return page

@@ -81,8 +81,7 @@ def check_startup(args: argparse.Namespace) -> Startup:
     missing = [name for name in ("gradio", "av", "tokenizers", "PIL") if importlib.util.find_spec(name) is None]
     if missing:
         raise ValueError(f"anyflow app needs {', '.join(missing)}: {EXTRA}")
-    if not 0 < args.port < 65536:
-        raise ValueError(f"--port {args.port}: use a port from 1 to 65535")
+    check_address(args.host, args.port)
     snapshot = read_snapshot(args.snapshot)
     check_components(snapshot)
     try:
@@ -159,11 +158,27 @@ def launch(pipeline, startup: Startup, host: str, port: int) -> RunningApp:
         page.queue(default_concurrency_limit=1, max_size=MAX_QUEUE)
         page.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False,
                     share=False, inbrowser=False, show_error=False, max_file_size=MAX_IMAGE_BYTES, pwa=False,
-                    mcp_server=False, enable_monitoring=False)
+                    run_history=False, mcp_server=False, enable_monitoring=False)
     except BaseException:
         discard(folder)
         raise
     return RunningApp(page.local_url, studio, page, folder)
+
+
+def check_address(host: str, port: int) -> None:
+    """``host:port`` free to serve on, checked before the model loads (a ValueError naming both otherwise)."""
+    import socket
+
+    if not 0 < port < 65536:
+        raise ValueError(f"--port {port}: use a port from 1 to 65535")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise ValueError(f"--host {host} --port {port}: cannot serve there ({exc.strerror or exc}); choose another "
+                         "--port, or an address of this machine for --host") from None
 
 
 def bind_warning(host: str):
