@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from anyflow.app.settings import (
-    MAX_IMAGE_BYTES, Choices, Preset, far_chunks, fitting_presets, frames_for, make_choices, parse_seed, read_image,
+    MAX_IMAGE_BYTES, Preset, far_chunks, fitting_presets, frames_for, make_choices, parse_seed, read_image,
 )
 from anyflow.app.server import bind_warning
 from anyflow.app.video import encode_segment
@@ -204,8 +204,8 @@ def test_one_run_at_a_time_the_second_client_waits_in_the_queue(served, tmp_path
     runs = len(watched.runs)
     watched.release()
     assert running.result(timeout=60)[2]["seed"] == 7 and waiting.result(timeout=60)[2]["seed"] == 8
-    (start_1, end_1), (start_2, end_2) = watched.times[runs - 1], watched.times[runs]
-    assert end_1 <= start_2  # the device ran them one after the other
+    first_ended, second_started = watched.times[runs - 1][1], watched.times[runs][0]
+    assert first_ended <= second_started  # the device ran them one after the other
 
 
 @pytest.mark.timeout(SERVER_TIMEOUT)

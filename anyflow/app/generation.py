@@ -23,7 +23,7 @@ def render(pipeline, settings: Settings, folder: str, progress: Progress, show: 
     prompts = [settings.prompt] + ([settings.negative_prompt] if settings.guided else [])
     text = pipeline.encode_prompt(prompts)  # (1 or 2, 512, text_dim)
     text, negative = (text[:1], text[1:]) if settings.guided else (text, None)
-    video = GrowingVideo(folder, settings.width, settings.height, FPS, f"anyflow-{settings.seed}")
+    video = GrowingVideo(folder, FPS, f"anyflow-{settings.seed}")
     pieces = []  # the paths shown, one per decoded piece: FAR chunks in order, the given one included
 
     def on_frames(frames: torch.Tensor) -> None:  # (1, n, H, W, 3) float in [0, 1]

@@ -131,7 +131,7 @@ def make_choices(model: str, config, presets: Sequence[Preset], on_gpu: bool) ->
     max_frames = min(MAX_FRAMES, VAE_TIME_STRIDE * (config.rope_max_seq_len - 1) + 1)
     default_frames = min(max_frames, MAX_FRAMES if on_gpu else 2 * FPS + 1)
     note = ("" if on_gpu else f"Running on the CPU: the default size is {default.label} and the default length "
-            f"{default_frames} frames; a larger video takes minutes per step here.")
+            f"{default_frames} frames; larger and longer videos take far longer here.")
     partition = tuple(config.chunk_partition) if hasattr(config, "chunk_partition") else None
     return Choices(model, partition is not None, pixel_multiple(config), max_frames, tuple(presets), default,
                    default_frames, partition, note)

@@ -27,9 +27,8 @@ class GrowingVideo:
     ``name`` is the final file's stem (``name.mp4``); the intermediate ones are ``name-1.mp4``, ``name-2.mp4``...
     """
 
-    def __init__(self, folder: str, width: int, height: int, fps: float, name: str):
-        self.folder, self.width, self.height, self.fps, self.name = folder, width, height, Fraction(fps), name
-        self.frames = 0
+    def __init__(self, folder: str, fps: float, name: str):
+        self.folder, self.fps, self.name = folder, Fraction(fps), name
         self._segments: List[str] = []
 
     def append(self, frames: np.ndarray) -> str:
@@ -37,7 +36,6 @@ class GrowingVideo:
         segment = os.path.join(self.folder, f".segment-{len(self._segments) + 1}.mp4")
         encode_segment(segment, frames, self.fps)
         self._segments.append(segment)
-        self.frames += frames.shape[0]
         path = os.path.join(self.folder, f"{self.name}-{len(self._segments)}.mp4")
         join_segments(self._segments, path)
         return path
