@@ -1,14 +1,15 @@
-"""Runs on the device one at a time, each a :class:`Job` that reports its progress and can be stopped within seconds.
+"""Runs on the device one at a time, in the order they came, each a :class:`Job` that reports its place in the
+queue, then its progress, and can be stopped within seconds, waiting or running.
 
-A job runs in a thread of its own and takes the device lock first, so that a job submitted while a
-stopped one still unwinds waits for it. :meth:`Job.stop` uses the command's interrupt machinery
+A job runs in a thread of its own that waits for its turn: the first of the line, which it leaves
+only once it has unwound, so that a job submitted while a stopped one unwinds waits for it.
+:meth:`Job.stop` uses the command's interrupt machinery
 (:mod:`anyflow.interrupts`): :class:`~anyflow.interrupts.Stopped` is raised in the job's thread at its
 next line of Python (within one transformer block, whatever stage the run is in), the thread unwinds,
 and the job's folder is removed: a stopped or failed job leaves nothing behind. A finished job keeps
 its folder (the page serves its video from there) until it is older than ``keep_seconds``.
 
-The queue of waiting users is the web framework's (one run at a time, each user told their place);
-this module is free of it, and answers to any caller: :meth:`Studio.submit`, then :meth:`Job.updates`.
+The module knows nothing of the web framework: :meth:`Studio.submit`, then :meth:`Job.updates`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from .estimates import Estimates
 from .generation import render
@@ -29,6 +30,7 @@ from .progress import Progress
 from .settings import Settings
 
 KEEP_SECONDS = 3600.0  # how long a finished run's files stay to be played and downloaded
+MAX_WAITING = 32  # runs waiting for the device; one more is refused
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,10 @@ class JobFailed(Exception):
 class Job:
     """One run. ``state``: queued, running, done, failed or stopped; ``video`` the whole mp4 once done."""
 
-    def __init__(self, settings: Settings, folder: str, progress: Progress, record: dict):
+    def __init__(self, settings: Settings, folder: str, progress: Progress, record: dict, ahead: Callable[[], int]):
         self.id = os.path.basename(folder)
         self.settings, self.folder, self.progress, self.record = settings, folder, progress, record
+        self._ahead = ahead  # runs before this one in the line
         self.state = "queued"
         self.video: Optional[str] = None
         self.error: Optional[str] = None
@@ -65,13 +68,20 @@ class Job:
             try:
                 update = self._events.get(timeout=every)
             except queue.Empty:
-                yield Update(self.progress.line())
+                yield Update(self.status())
                 continue
             if update is None:
                 break
             yield update
         if self.state != "done":
             raise JobFailed(self.error or "the run was stopped")
+
+    def status(self) -> str:
+        """One line: the place in the queue while waiting, then the run's progress."""
+        if self.state == "queued" and not self._stop.is_set():
+            ahead = self._ahead()
+            return f"Waiting for the device: {ahead} run{'s' if ahead != 1 else ''} ahead in the queue"
+        return self.progress.line()
 
     def stop(self) -> None:
         """End the job: a queued one never starts, a running one is interrupted at its next line of Python.
@@ -99,7 +109,8 @@ class Studio:
         self.folder = os.path.join(folder, "runs")
         os.makedirs(self.folder, exist_ok=True)
         self.jobs = {}  # id -> Job, while it has files
-        self._device = threading.Lock()
+        self._line = []  # the jobs waiting or running, in order: the first has the device
+        self._turn = threading.Condition()
         self._threads = torch.get_num_threads()  # the command's, kept in each job's thread
         self._closed = False
 
@@ -107,6 +118,8 @@ class Studio:
         """Queue a run; a ValueError (naming the field) if the device cannot hold it."""
         if self._closed:
             raise ValueError("the server is shutting down")
+        if len(self._line) > MAX_WAITING:
+            raise ValueError(f"Queue: {len(self._line) - 1} runs are waiting already; try again later")
         self._remove_old()
         far = settings.chunks is not None
         self.estimates.check_fits("Length and size", settings.frames, settings.height, settings.width, settings.chunks,
@@ -117,8 +130,10 @@ class Studio:
         progress = Progress(settings.steps, estimate, len(settings.chunks) if far else None, given)
         folder = os.path.join(self.folder, uuid.uuid4().hex[:12])
         os.makedirs(folder)
-        job = Job(settings, folder, progress, {**settings.record(), **self.about})
+        job = Job(settings, folder, progress, {**settings.record(), **self.about}, lambda: self._ahead(job))
         self.jobs[job.id] = job
+        with self._turn:
+            self._line.append(job)
         threading.Thread(target=self._run, args=(job,), name=f"anyflow-job-{job.id}", daemon=True).start()
         return job
 
@@ -128,7 +143,7 @@ class Studio:
         for job in list(self.jobs.values()):
             job.stop()
         deadline = time.monotonic() + 5
-        while self._device.locked() and time.monotonic() < deadline:
+        while self._line and time.monotonic() < deadline:
             time.sleep(0.05)
 
     def _run(self, job: Job) -> None:
@@ -142,22 +157,21 @@ class Studio:
                 import torch
 
                 torch.set_num_threads(self._threads)
-            while not self._device.acquire(timeout=0.1):
-                if job._stop.is_set():
-                    raise Stopped
-            try:
-                with job._lock:
+            with self._turn:
+                while self._line[0] is not job:
                     if job._stop.is_set():
                         raise Stopped
-                    job._thread = threading.current_thread()
-                    job.state = "running"
-                try:
-                    job.video = render(self.pipeline, job.settings, job.folder, job.progress, job._show, job.record)
-                finally:
-                    with job._lock:  # a stop requested before this line has raised by the end of this block
-                        job._thread = None
+                    self._turn.wait(0.1)
+            with job._lock:
+                if job._stop.is_set():
+                    raise Stopped
+                job._thread = threading.current_thread()
+                job.state = "running"
+            try:
+                job.video = render(self.pipeline, job.settings, job.folder, job.progress, job._show, job.record)
             finally:
-                self._device.release()
+                with job._lock:  # a stop requested before this line has raised by the end of this block
+                    job._thread = None
             job.progress.finish(f"done: {job.settings.frames} frames of {job.settings.width} x {job.settings.height} "
                                 f"in {job.progress.elapsed():.1f} s, seed {job.settings.seed}")
         except Stopped:
@@ -169,8 +183,15 @@ class Studio:
             job.finished_at = time.monotonic()
             if state != "done":
                 self._discard(job)
+            with self._turn:  # the next job's turn, now that this one has unwound
+                self._line.remove(job)
+                self._turn.notify_all()
             job.state, job.error = state, error
             job._events.put(None)
+
+    def _ahead(self, job: Job) -> int:
+        with self._turn:
+            return self._line.index(job) if job in self._line else 0
 
     def _discard(self, job: Job) -> None:
         shutil.rmtree(job.folder, ignore_errors=True)

@@ -1,18 +1,18 @@
 """The page: a Gradio Blocks app over a :class:`~anyflow.app.jobs.Studio`.
 
-One event, ``generate`` (also the HTTP endpoint ``/generate``), runs one job at a time in Gradio's queue,
-which tells each waiting user their place. It checks the page's values (a bad one ends it with a message
-naming the field), submits the job and yields as the job goes: the video so far (a FAR model's after each
-chunk), the status line (at least every second), and the run's settings. Stop, a closed page and an HTTP
-client's cancel all close the event's generator, whose ``finally`` stops the job: one user's stop never
-touches another's job.
+One event, ``generate`` (also the HTTP endpoint ``/generate``), checks the page's values (a bad one ends
+it with a message naming the field), submits a job to the studio's queue and yields as the job goes: the
+status line (its place in the queue, then its stage, at least every second), the video so far (a FAR
+model's after each chunk), and the run's settings. Gradio runs every such event at once; the studio runs
+the jobs one at a time. Stop stops the job of its own page, which then ends its event with "Stopped"; a
+closed page and an HTTP client's cancel close the event's generator, whose ``finally`` stops its job. One
+user's stop never touches another's job.
 """
 
-from __future__ import annotations
+import html  # no `from __future__ import annotations`: Gradio finds the gr.Request parameters by their annotation
+import threading
 
-import html
-
-from .jobs import JobFailed, Studio
+from .jobs import Job, JobFailed, Studio
 from .settings import LENGTH_UNITS, MAX_STEPS, STEP_CHOICES, Choices, FPS, check_settings
 
 STATUS_EVERY = 1.0  # seconds between status lines; also how soon a cancelled event lets go of its job
@@ -25,23 +25,39 @@ def build_page(studio: Studio, choices: Choices, config, about: dict):
     presets = {preset.label: preset for preset in choices.presets}
     default = choices.default_preset
     seconds = (choices.default_frames - 1) / FPS
+    running = {}  # session -> its page's job, while its event goes on
+    lock = threading.Lock()
 
-    def generate(prompt, negative_prompt, steps, seed, guidance_scale, length, length_unit, width, height, image):
+    def generate(prompt, negative_prompt, steps, seed, guidance_scale, length, length_unit, width, height, image,
+                 request: gr.Request):
         try:
             settings = check_settings(choices, config, prompt, negative_prompt, steps, seed, guidance_scale, length,
                                       length_unit, width, height, image)
             job = studio.submit(settings)
         except ValueError as exc:
             raise gr.Error(html.escape(str(exc), quote=False), title="Check the settings", print_exception=False) from None
+        with lock:
+            running[request.session_hash] = job
         try:
-            yield None, job.progress.line(), job.record
+            yield None, job.status(), job.record
             for update in job.updates(STATUS_EVERY):
                 yield (gr.skip() if update.video is None else update.video), update.status, gr.skip()
             yield job.video, job.progress.line(), job.record
         except JobFailed as exc:
-            raise gr.Error(html.escape(str(exc), quote=False), title="The run ended", print_exception=False) from None
+            if job.state != "stopped":
+                raise gr.Error(html.escape(str(exc), quote=False), title="The run ended", print_exception=False) from None
+            yield None, "Stopped: the run's files are removed", gr.skip()
         finally:
-            job.stop()  # the page closed, Stop was pressed, or a client cancelled; nothing when the job ended
+            job.stop()  # the page closed or a client cancelled; nothing when the job has ended
+            with lock:
+                if running.get(request.session_hash) is job:
+                    del running[request.session_hash]
+
+    def stop_run(request: gr.Request) -> None:
+        with lock:
+            job: Job = running.get(request.session_hash)
+        if job is not None:
+            job.stop()
 
     kind = "FAR, chunk by chunk" if choices.far else "bidirectional"
     with gr.Blocks(title=f"AnyFlow: {choices.model}", analytics_enabled=False) as page:
@@ -81,8 +97,8 @@ def build_page(studio: Studio, choices: Choices, config, about: dict):
                 record = gr.JSON(label="Settings of the run (also in the mp4's comment tag)")
         size.change(lambda label: (presets[label].width, presets[label].height), size, [width, height], queue=False,
                     api_visibility="private")
-        run = start.click(generate, [prompt, negative_prompt, steps, seed, guidance_scale, length, length_unit, width,
-                                     height, image], [video, status, record], api_name="generate", concurrency_limit=1)
-        stop.click(lambda: (None, "Stopped: the run's files are removed"), None, [video, status], cancels=[run],
-                   queue=False, api_visibility="private")
+        start.click(generate, [prompt, negative_prompt, steps, seed, guidance_scale, length, length_unit, width, height,
+                               image], [video, status, record], api_name="generate", concurrency_limit=None,
+                    show_progress="minimal")
+        stop.click(stop_run, None, None, queue=False, api_visibility="private")
     return page

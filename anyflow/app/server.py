@@ -20,7 +20,6 @@ from .estimates import Estimates
 from .settings import MAX_IMAGE_BYTES, Choices, chunks_for, fitting_presets, make_choices
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-MAX_QUEUE = 32  # waiting runs; a run asked for beyond them is refused with a message
 EXTRA = 'pip install -e ".[app]" (or: pip install gradio)'
 
 
@@ -155,7 +154,7 @@ def launch(pipeline, startup: Startup, host: str, port: int) -> RunningApp:
 
         studio = Studio(pipeline, folder, startup.estimates, startup.about)
         page = build_page(studio, startup.choices, startup.estimates.config, startup.about)
-        page.queue(default_concurrency_limit=1, max_size=MAX_QUEUE)
+        page.queue()
         page.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False,
                     share=False, inbrowser=False, show_error=False, max_file_size=MAX_IMAGE_BYTES, pwa=False,
                     run_history=False, mcp_server=False, enable_monitoring=False)
