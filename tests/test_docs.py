@@ -55,7 +55,7 @@ def test_every_name_and_path_a_doc_gives_exists(path):
     for name in sorted(set(names_in(path))):
         if name.startswith("/"):
             relative = name[1:]
-            if "*" in relative or "{" in relative:
+            if "*" in relative or "{" in relative or relative.startswith("tests/artifacts/"):  # (made by the tests)
                 continue
             if not (ROOT / relative).exists():
                 missing.append(relative)

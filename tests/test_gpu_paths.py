@@ -12,7 +12,7 @@ import torch
 
 from anyflow import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel, sample, sample_far
 from anyflow.model.config import AnyFlowFARConfig
-from anyflow.cli.common import DTYPE_CHOICES
+from anyflow.model.parameters import DTYPE_CHOICES
 from anyflow.runtime.devices import (
     attention_materialises_scores, auto_dtype, configure_precision, dtype_warning, resolve_dtype,
 )

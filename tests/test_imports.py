@@ -27,8 +27,9 @@ ALLOWED: Dict[str, Set[str]] = {
                          "anyflow.vae", "weights_convert"},
     "anyflow.training": {"anyflow.model", "anyflow.runtime", "anyflow.pretrained", "anyflow.sampling",
                          "weights_convert"},
+    "anyflow.app": {"anyflow.model", "anyflow.runtime", "anyflow.pretrained", "anyflow.pipeline", "weights_convert"},
     "anyflow.cli": {"anyflow.model", "anyflow.runtime", "anyflow.pretrained", "anyflow.sampling", "anyflow.text",
-                    "anyflow.vae", "anyflow.pipeline", "anyflow.training", "weights_convert"},
+                    "anyflow.vae", "anyflow.pipeline", "anyflow.training", "anyflow.app", "weights_convert"},
 }
 PACKAGE_ROOT = {"anyflow", "anyflow.lazy", "anyflow.__main__"}
 

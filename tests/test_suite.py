@@ -1,4 +1,4 @@
-"""The test suite's own promises: without the oracle its tests skip locally, and fail in CI."""
+"""The test suite's own promises: without the oracle (or the browser driver) its tests skip locally, and fail in CI."""
 
 from __future__ import annotations
 
@@ -44,3 +44,16 @@ def test_without_peft_ci_fails_the_lora_parity_tests():
     run = run_reference_tests_without_diffusers(True, "-x", "tests/test_lora.py", package="peft")
     assert run.returncode == 1 and "the parity oracle peft (pinned in setup.cfg's test extra) must be installed in CI" \
         in run.stdout
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("ci", [False, True], ids=["locally", "in CI"])
+def test_without_playwright_the_browser_tests_skip_locally_and_fail_in_ci(ci):
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    if ci:
+        env["CI"] = "true"
+    run = subprocess.run([sys.executable, "-c", WITHOUT, "playwright", "-q", "-m", "browser", "-p", "no:cacheprovider",
+                          "tests/test_app_browser.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    summary = run.stdout.strip().splitlines()[-1]
+    assert ("3 failed" if ci else "3 skipped") in summary, run.stdout[-3000:]
+    assert "the browser tests need playwright" in run.stdout if ci else run.returncode == 0

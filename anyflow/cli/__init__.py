@@ -1,4 +1,5 @@
-"""The ``anyflow`` command: ``demo``, ``sample``, ``generate``, ``train``, ``inspect``, ``convert``, one module each.
+"""The ``anyflow`` command: ``demo``, ``sample``, ``generate``, ``train``, ``app``, ``inspect``, ``convert``, one
+module each.
 
 Only argument parsing happens at start-up (``anyflow --help`` does not import torch); each command
 imports what it needs when it runs. This package is the top of the import graph: it uses the
@@ -15,9 +16,9 @@ from typing import List, Optional
 
 from .. import __version__
 from ..runtime.interrupts import Interrupted, exit_now, reader_gone, run_interruptibly, signals_raise_interrupted
-from . import convert, demo, generate, inspect, sample, train
+from . import app, convert, demo, generate, inspect, sample, train
 
-COMMANDS = (demo, sample, generate, train, inspect, convert)
+COMMANDS = (demo, sample, generate, train, app, inspect, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:

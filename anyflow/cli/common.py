@@ -12,13 +12,11 @@ import time
 from typing import List, Optional
 
 from ..model.config import TRAIN_TIMESTEPS
-from ..model.parameters import DTYPE_NAMES, FLOAT8_NAME
 
 PROMPT_KEY = "prompt_embeds"
 NEGATIVE_KEY = "negative_prompt_embeds"
 LATENTS_KEY = "latents"
 CLI_NAMES = ("--frames", "--height", "--width")
-DTYPE_CHOICES = ("auto",) + DTYPE_NAMES
 OFFLOAD_HELP = ("keep the DiT blocks' weights in host memory (pinned) and copy each to the GPU just before it "
                 "runs, the next one meanwhile: about two blocks on the GPU instead of all (14B: about 1.3 GiB instead "
                 "of 26 GiB in bf16), for a little time per step; one process only; on the CPU it saves nothing")
@@ -88,37 +86,6 @@ def check_output_path(out: str, force: bool, inputs: List[tuple], argument: str 
         raise ValueError(f"{named}: the folder {parent} does not exist")
     if os.path.lexists(out) and not force:
         raise ValueError(f"{named}: already exists; pass --force to replace it")
-
-
-def estimate_sampling_run(args: argparse.Namespace, checkpoint, noise_shape: tuple, text_tokens: int,
-                          partition: Optional[tuple], guided: bool, device, dtype):
-    """The memory a ``sample`` or ``generate`` run's sampling needs (a :class:`anyflow.runtime.memory.MemoryEstimate`), from
-    the opened ``checkpoint``'s headers and the arguments: the weights as loaded (``--weight-dtype``), the
-    device's kernels, the FAR cache, and ``--offload``."""
-    import torch
-
-    from ..model.config import AnyFlowFARConfig
-    from ..runtime.memory import (
-        ForwardKernels, estimate_far_sampling_memory, estimate_sampling_memory, weight_bytes, with_block_offload,
-    )
-    from weights_convert.conversion import loaded_nbytes
-    from weights_convert.scaled_fp8 import stored_as_float8
-
-    config = checkpoint.config
-    element_size = torch.empty(0, dtype=dtype).element_size()
-    weights = loaded_nbytes(checkpoint, dtype, args.weight_dtype)
-    kernels = ForwardKernels.on(device, dtype)
-    if isinstance(config, AnyFlowFARConfig):
-        estimate = estimate_far_sampling_memory(config, weights, noise_shape, text_tokens, element_size, partition,
-                                                kernels)
-    else:
-        estimate = estimate_sampling_memory(config, weights, noise_shape, text_tokens, element_size, guided, kernels)
-    if not args.offload:
-        return estimate
-    # the blocks as loaded: float8 when asked for, or when the checkpoint holds (folded) float8 pairs
-    stored = any(stored_as_float8(t) for t in checkpoint.tensors.values())
-    float8 = args.weight_dtype or (FLOAT8_NAME if stored else None)
-    return with_block_offload(estimate, weight_bytes(config, element_size, float8), host_is_device=device.type == "cpu")
 
 
 def check_chunks(args: argparse.Namespace, config, frames: int) -> Optional[tuple]:

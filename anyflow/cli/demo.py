@@ -45,8 +45,7 @@ def demo_video(out: str) -> int:
     """``anyflow generate`` on the tiny snapshot into ``out`` (or the next free name), then how to run it again."""
     import importlib.util
 
-    from . import build_parser
-    from .generate import EXTRA
+    from .generate import EXTRA, add_command
 
     print("\n== a video from a prompt ==")
     if any(importlib.util.find_spec(name) is None for name in ("tokenizers", "av")):
@@ -57,7 +56,9 @@ def demo_video(out: str) -> int:
     while os.path.lexists(candidate):
         candidate, n = f"{stem}-{n}{extension}", n + 1
     command = ["generate", "--model", TINY_SNAPSHOT, "--prompt", DEMO_PROMPT, *DEMO_VIDEO, "--out", candidate]
-    args = build_parser().parse_args(command)
+    parser = argparse.ArgumentParser(prog="anyflow")
+    add_command(parser.add_subparsers())
+    args = parser.parse_args(command)
     code = args.run(args)
     if code == 0:
         print(f"\nthe demo video: {os.path.abspath(candidate)} (random weights: noise, made the whole way)\n"

@@ -18,13 +18,13 @@ from dataclasses import dataclass, replace
 from itertools import accumulate
 from typing import List, Optional, Tuple
 
-from ..model.parameters import FLOAT8_NAME
+from ..model.parameters import DTYPE_CHOICES, FLOAT8_NAME
 from ..pipeline.video_io import MAX_FPS, MAX_GIF_FPS
 from ..runtime.video_shape import check_grid, latent_shape
 from .common import (
-    CLI_NAMES, DEVICE_HELP, DTYPE_CHOICES, LATENTS_KEY, LORA_HELP, LORA_SKIP_HELP, OFFLOAD_HELP, PIXEL_RULE,
+    CLI_NAMES, DEVICE_HELP, LATENTS_KEY, LORA_HELP, LORA_SKIP_HELP, OFFLOAD_HELP, PIXEL_RULE,
     SEED_HELP, SIGMAS_HELP, STEPS_HELP, WEIGHT_DTYPE_HELP, ClaimedOutput, Progress, check_chunks, check_output_path,
-    estimate_sampling_run, format_count, loaded_details, seed_number,
+    format_count, loaded_details, seed_number,
 )
 
 VIDEO_EXTENSIONS = (".mp4", ".gif", ".png", ".webp")
@@ -110,6 +110,7 @@ def run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from ..model.config import AnyFlowFARConfig
+    from ..pipeline.estimates import estimate_sampling_run
     from ..pipeline.snapshot import check_components, component_sizes, read_snapshot
     from ..pipeline.video_io import VideoWriter, check_fps, to_uint8, video_format
     from ..pipeline.video_pipeline import VideoPipeline
@@ -197,7 +198,8 @@ def run_generate(args: argparse.Namespace) -> int:
     noise_shape = (1, frames, config.in_channels, h, w)
     guided = args.guidance_scale > 1
     element_size = torch.empty(0, dtype=dtype).element_size()
-    sampling = estimate_sampling_run(args, transformer, noise_shape, TEXT_TOKENS, partition, guided, device, dtype)
+    sampling = estimate_sampling_run(transformer, noise_shape, TEXT_TOKENS, partition, guided, device, dtype,
+                                     args.weight_dtype, args.offload)
     memory = estimate_generation_memory(sampling, **component_sizes(snapshot, element_size), height=args.height,
                                         width=args.width, prompts=len({job.prompt for job in jobs}) * (1 + guided),
                                         vae_tile=None if vae_tile is False else (256 if vae_tile is True else vae_tile[0]))

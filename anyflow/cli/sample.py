@@ -18,12 +18,12 @@ from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from typing import List, Optional
 
-from ..model.parameters import FLOAT8_NAME
+from ..model.parameters import DTYPE_CHOICES, FLOAT8_NAME
 from ..runtime.video_shape import check_grid, latent_shape
 from .common import (
-    CLI_NAMES, DEVICE_HELP, DTYPE_CHOICES, LATENTS_KEY, LORA_HELP, LORA_SKIP_HELP, NEGATIVE_KEY, OFFLOAD_HELP,
+    CLI_NAMES, DEVICE_HELP, LATENTS_KEY, LORA_HELP, LORA_SKIP_HELP, NEGATIVE_KEY, OFFLOAD_HELP,
     PIXEL_RULE, PROMPT_KEY, SEED_HELP, SIGMAS_HELP, STEPS_HELP, WEIGHT_DTYPE_HELP, ClaimedOutput, Progress,
-    check_chunks, check_output_path, estimate_sampling_run, format_count, loaded_details, seed_number,
+    check_chunks, check_output_path, format_count, loaded_details, seed_number,
 )
 
 
@@ -150,6 +150,7 @@ def check_sample_run(args: argparse.Namespace, processes) -> SampleRun:
         raise ValueError(f"--max-hours must be a number of hours >= 0 (0: no limit), got {args.max_hours}")
 
     from ..model.config import AnyFlowFARConfig
+    from ..pipeline.estimates import estimate_sampling_run
     from ..runtime.compute import duration, estimate_far_sampling_compute, estimate_sampling_compute
     from ..runtime.devices import dtype_warning, resolve_dtype
     from ..runtime.memory import available_memory, gib
@@ -204,7 +205,8 @@ def check_sample_run(args: argparse.Namespace, processes) -> SampleRun:
     given = read_context_latents(args.context_latents, noise_shape, partition)
 
     text_tokens = text.shape[1]
-    estimate = estimate_sampling_run(args, checkpoint, noise_shape, text_tokens, partition, guided, device, dtype)
+    estimate = estimate_sampling_run(checkpoint, noise_shape, text_tokens, partition, guided, device, dtype,
+                                     args.weight_dtype, args.offload)
     estimate = memory_share(processes, estimate, args.shard_weights, args.sequence_parallel)
     free = available_memory(device)
     need, where = shared_memory(processes, estimate.total, device)

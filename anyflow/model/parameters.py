@@ -25,6 +25,7 @@ Shape = Tuple[int, ...]
 
 # The dtypes the model can be held in, by the names the API and the CLIs take.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPE_CHOICES = ("auto",) + DTYPE_NAMES  # what the commands' --dtype takes (auto: anyflow.runtime.devices.auto_dtype)
 
 # The linear layers of every block (names within the block) that ``weight_dtype="float8_e4m3fn"`` holds
 # as float8 e4m3 with one float32 scale per output row (:mod:`anyflow.runtime.fp8`); with it, the weight

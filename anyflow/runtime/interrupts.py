@@ -86,7 +86,7 @@ def run_interruptibly(work: Callable[[], T], cleanup: Callable[[], None], grace:
         while not done.wait(0.5):
             pass
     except Interrupted as stop:
-        _raise_in(worker, Stopped)
+        raise_in(worker, Stopped)
         try:
             done.wait(grace)
         except Interrupted:  # a second signal: no more waiting
@@ -117,8 +117,8 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-def _raise_in(thread: threading.Thread, exception: type) -> None:
-    """Raise ``exception`` in ``thread`` at its next line of Python."""
+def raise_in(thread: threading.Thread, exception: type) -> None:
+    """Raise ``exception`` in ``thread`` at its next line of Python (to stop a worker from another thread)."""
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exception))
 
 
