@@ -4,7 +4,6 @@ and removed on failure, the sampling checks and estimates of ``sample`` and ``ge
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import sys
@@ -167,7 +166,7 @@ class Progress:
         self.started = self.last = time.perf_counter()
         self.first_done: Optional[float] = None  # when the first step ended
         self.bar = None
-        if say is print and sys.stdout.isatty() and importlib.util.find_spec("tqdm") is not None:
+        if say is print and sys.stdout.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
