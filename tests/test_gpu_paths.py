@@ -120,14 +120,14 @@ def test_a_compiled_model_makes_one_graph_for_every_timestep():
 
 def test_python_numbers_as_timesteps_compile_no_graph_per_value():
     """The checks of a number timestep stay out of the traced path (no guard on its value): dynamo's default
-    compiles once with the number static, once more with it dynamic, then never again; ``dynamic=True``
-    compiles once."""
+    compiles once with the number static, once more with it dynamic (its automatic-dynamic policy, as for
+    shapes; a later torch may start dynamic), then never again; ``dynamic=True`` compiles once."""
     import torch._dynamo
 
     model = AnyFlowTransformer3DModel(small_config()).eval()
     randomize_(model, 2)
     noise, text = torch.randn(1, 2, 4, 8, 8), torch.randn(1, 5, 24)
-    for options, expected in (({}, [1, 2, 2, 2]), ({"dynamic": True}, [1, 1, 1, 1])):
+    for options in ({}, {"dynamic": True}):
         torch._dynamo.reset()
         backend = CountingBackend()
         compiled = torch.compile(model, backend=backend, **options)
@@ -137,7 +137,8 @@ def test_python_numbers_as_timesteps_compile_no_graph_per_value():
                 out = compiled(noise, t, r, text).sample
                 counts.append(backend.graphs)
             assert (out - model(noise, t, r, text).sample).abs().max() <= 1e-5 * out.abs().max()
-        assert counts == expected, options
+        expected = [1, 1, 1, 1] if options else [1, counts[1], counts[1], counts[1]]
+        assert counts == expected and counts[1] <= 2, (options, counts)
 
 
 def test_regional_compilation_shares_one_graph_over_blocks_and_steps():
