@@ -204,7 +204,8 @@ def test_bad_pipelines_and_latents_files_are_one_line(snapshot, latents, tmp_pat
          f"--latents {tmp_path / 'none.safetensors'}: cannot read: No such file or directory"),
         (["--pipeline", snapshot, "--latents", latents, "--fps", "0"], "--fps must be positive, got 0"),
         (["--pipeline", snapshot, "--latents", latents, "--device", "meta"],
-         "--device 'meta': meta tensors hold no values, so nothing can be encoded or decoded; use cpu or cuda"),
+         "--device 'meta': the meta device holds shapes, not values, so nothing can run on it; "
+         "use 'cpu', 'cuda' or 'cuda:N'"),
     ]
     for argv, message in cases:
         code, stdout, err = run(capsys, "decode", "--out", out, "--device", "cpu", *argv)
