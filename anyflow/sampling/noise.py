@@ -30,13 +30,16 @@ class SeededNoise:
         self._by_chunk = self.shape[0] == 1 and math.prod(self.shape[2:]) % NORMALS_AT_ONCE == 0
 
     def frames(self, start: int, stop: int) -> torch.Tensor:
-        """The noise of frames ``start .. stop - 1``, (B, stop - start, C, H, W); chunks are asked for in order."""
+        """The noise of frames ``start .. stop - 1``, (B, stop - start, C, H, W); chunks are asked for in order (the
+        frames skipped are drawn and dropped)."""
         if not self._by_chunk:
             if self._whole is None:
                 self._whole = torch.randn(self.shape, generator=self._generator)
             return self._whole[:, start:stop]
-        if start != self._drawn or not start < stop <= self.shape[1]:
+        if start < self._drawn or not start < stop <= self.shape[1]:
             raise ValueError(f"SeededNoise hands out frames in order: {self._drawn} next, of {self.shape[1]}; "
                              f"asked for {start}..{stop - 1}")
+        if start > self._drawn:  # frames skipped (given ones): drawn all the same, so that the later ones follow
+            torch.randn((self.shape[0], start - self._drawn, *self.shape[2:]), generator=self._generator)
         self._drawn = stop
         return torch.randn((self.shape[0], stop - start, *self.shape[2:]), generator=self._generator)
