@@ -152,7 +152,7 @@ class AnyFlowFARTransformer(AnyFlowBackbone):
         storage allocated once; its refreshes age one chunk in at a time, as sampling does.
         """
         cfg = self.config
-        grid = check_latents(self.config, latents)
+        grid = check_latents(self.config, latents, frames_in_table=False)
         batch = latents.shape[0]
         partition = check_chunk_partition(chunk_partition)
         frames = sum(partition)
@@ -228,7 +228,7 @@ class AnyFlowFARTransformer(AnyFlowBackbone):
         cache takes the given one's storage over (the given cache is spent).
         """
         cfg = self.config
-        grid = check_latents(self.config, latents)
+        grid = check_latents(self.config, latents, frames_in_table=False)
         runs = cache.held_frames()
         held_frames = sum(stop - start for start, stop in runs)
         if latents.shape[0] != cache.batch_size or tuple(latents.shape[-2:]) != cache.latent_size \

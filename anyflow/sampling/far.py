@@ -144,6 +144,10 @@ def sample_far_chunks(
         raise ValueError("context_window: a windowed cache is refreshed incrementally; leave incremental_cache=True "
                          "(False re-encodes every frame, the unbounded reference's way)")
     switches = check_prompt_schedule(prompt_schedule, len(partition))
+    for chunk, text in switches.items():
+        if not isinstance(text, (torch.Tensor, PreparedContext)):
+            raise ValueError(f"prompt_schedule: chunk {chunk}: embeddings (B, S, text_dim) or a PreparedContext, got "
+                             f"{type(text).__name__}")
     check_finite(noise=noise if isinstance(noise, torch.Tensor) else None, encoder_hidden_states=encoder_hidden_states,
                  context_latents=context_latents, **{f"prompt_schedule[{i}]": text for i, text in enumerate(switches.values())})
     note = long_video_note(cfg, frames)
@@ -275,7 +279,7 @@ def check_context_window(config, chunk_partition: Sequence[int], context_window:
 def check_prompt_schedule(prompt_schedule: Optional[PromptSchedule], num_chunks: int,
                           name: str = "prompt_schedule") -> Dict[int, Context]:
     """``[(chunk, text), ...]`` -> {chunk: text}: chunks from 1 on (chunk 0 follows ``encoder_hidden_states``),
-    in increasing order, each a chunk of the video."""
+    in increasing order, each a chunk of the video (the texts are the caller's to check)."""
     switches: Dict[int, Context] = {}
     for entry in prompt_schedule or ():
         if not isinstance(entry, (tuple, list)) or len(entry) != 2:
@@ -290,9 +294,6 @@ def check_prompt_schedule(prompt_schedule: Optional[PromptSchedule], num_chunks:
         if chunk >= num_chunks:
             raise ValueError(f"{name}: chunk {chunk} is past the end: the video has {num_chunks} chunks "
                              f"(0 to {num_chunks - 1})")
-        if not isinstance(text, (torch.Tensor, PreparedContext)):
-            raise ValueError(f"{name}: chunk {chunk}: embeddings (B, S, text_dim) or a PreparedContext, got "
-                             f"{type(text).__name__}")
         switches[chunk] = text
     return switches
 
