@@ -27,6 +27,7 @@ _EXPORTS = {
     "load_parallel": "pretrained",
     "sample": "sampling.bidirectional",
     "sample_far": "sampling.far",
+    "sample_far_chunks": "sampling.far",
     "flow_map_sigmas": "sampling.schedule",
     "VideoPipeline": "pipeline",
 }

@@ -4,6 +4,9 @@
                                 [--dtype bfloat16] [--repeats 1] [--deviation] [--workdir DIR]
     python scripts/bench_far.py --step-scaling [--cache-frames 3 12 24 48] [--chunk-frames 3]
                                 [--layers 2] [--latent 32x56] [--dtype float32] [--code DIR]
+    python scripts/bench_far.py --length-scaling [--lengths 8 32 128 512] [--window 2] [--sink 1]
+                                [--layers 2] [--latent 16x16] [--steps 2]
+    python scripts/bench_far.py --cache-bytes [--window 12] [--sink 1]
 
 Same random weights (1.3B widths: 12 heads of 128, ffn 8960; written once by the oracle's
 ``save_pretrained``), noise and text for every run. Each run is a fresh subprocess that loads the
@@ -30,6 +33,14 @@ a warm-up, the two alternating: on a shared machine others' load moves wall time
 percent, and only adds time. ``--code
 DIR`` runs another checkout's ``anyflow`` (for example an older commit in a ``git worktree``) on
 the same measurement, to compare before and after.
+
+``--length-scaling``: the cost of a chunk against the length of the video, with a context window
+(``--window``, ``--sink``) and without (ours alone; random weights at small widths, single-frame
+chunks, a seed's noise drawn chunk by chunk: :func:`anyflow.sample_far_chunks`). For each length, a
+fresh process makes the whole video and reports the CPU seconds of one thread per chunk (its steps
+and the cache refresh before it; the median over the chunks made with the window full, the last
+quarter without one), the peak RSS growth of the run, and the cache's allocated bytes.
+``--cache-bytes`` prints the cache of the released models at 480p, unbounded and windowed.
 """
 
 from __future__ import annotations
@@ -163,6 +174,113 @@ print(json.dumps({"preallocated": preallocated, "rows": rows}))
 """
 
 
+LENGTH_WORKER = r"""
+import json, statistics, sys, time, warnings
+job = json.loads(sys.argv[1])
+import torch
+from anyflow import AnyFlowFARConfig, AnyFlowFARTransformer3DModel, sample_far_chunks
+from anyflow.sampling import SeededNoise
+warnings.simplefilter("ignore")  # the length is past the trained one on purpose
+torch.set_num_threads(1)  # timed in CPU seconds of this one thread
+h, w = job["latent"]
+config = AnyFlowFARConfig(num_attention_heads=job["heads"], attention_head_dim=64, ffn_dim=4 * 64 * job["heads"],
+                          num_layers=job["layers"], chunk_partition=(1, 1, 1))  # single-frame chunks
+torch.manual_seed(0)
+model = AnyFlowFARTransformer3DModel(config).eval()
+with torch.no_grad():
+    context = model.prepare_context(torch.randn(1, 512, 4096, generator=torch.Generator().manual_seed(1)))
+caches = []
+encode = model.encode_cache
+def recording(*args, **kwargs):
+    cache = encode(*args, **kwargs)
+    caches.append(cache.allocated_bytes)
+    return cache
+model.encode_cache = recording
+def status(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) / 1024
+for _ in sample_far_chunks(model, SeededNoise((1, 8, 16, h, w), 3), context, num_steps=job["steps"],
+                           context_window=job["window"], sink_frames=job["sink"]):
+    pass  # a warm-up: what the first calls allocate once is not the run's
+caches.clear()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = status("VmRSS")
+seconds, last = [], time.process_time()
+chunks = sample_far_chunks(model, SeededNoise((1, job["frames"], 16, h, w), 2), context, num_steps=job["steps"],
+                           context_window=job["window"], sink_frames=job["sink"])
+for index, chunk in chunks:  # a chunk's time: the refresh after the one before it, and its own steps
+    now = time.process_time()
+    seconds.append(now - last)
+    last = now
+limit = config.full_chunk_limit
+full = job["sink"] + job["window"] + limit if job["window"] else 3 * job["frames"] // 4  # chunk index from which it counts
+steady = seconds[max(1, full):] or seconds[-1:]
+print(json.dumps({"chunk_seconds": statistics.median(steady), "counted": len(steady),
+                  "peak_rss_mb": status("VmHWM") - base, "cache_mb": max(caches) / 2**20}))
+"""
+
+
+def length_scaling(args) -> None:
+    """Print a chunk's CPU time, the peak RSS growth and the cache's bytes against the video's length, with the
+    window and without."""
+    import torch
+
+    # tensors of 64 KiB and more in their own mappings, given back when freed: the RSS follows what is alive
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))
+
+    h, w = args.latent
+    runs = {}
+    for _ in range(args.repeats):  # alternating, so that the machine's moods hit every length alike
+        for frames in args.lengths:
+            for window in (args.window, None):
+                runs.setdefault((frames, window), []).append(run_worker(LENGTH_WORKER, dict(
+                    frames=frames, window=window, sink=args.sink if window else 0, latent=[h, w], layers=args.layers,
+                    heads=args.heads, steps=args.steps)))
+    # the least of the repeats: others' load on a shared machine only adds time
+    rows = {key: min(found, key=lambda row: row["chunk_seconds"]) for key, found in runs.items()}
+    print(f"machine: {os.cpu_count()} CPUs (1 thread used), torch {torch.__version__}; {args.heads} heads of 64, "
+          f"{args.layers} layers, float32, latents {h}x{w} ({h * w // 4} tokens a frame, {h * w // 16} compressed), "
+          f"chunks of 1 latent frame, {args.steps} steps; window {args.window} + sink {args.sink} frames")
+    header = (f"{'latent frames':>13} | {'window: chunk CPU s':>19} {'peak RSS+ MB':>12} {'cache MB':>9} | "
+              f"{'unbounded: chunk CPU s':>22} {'peak RSS+ MB':>12} {'cache MB':>9}")
+    print("\n" + header + "\n" + "-" * len(header))
+    for frames in args.lengths:
+        a, b = rows[frames, args.window], rows[frames, None]
+        print(f"{frames:13d} | {a['chunk_seconds']:19.4f} {a['peak_rss_mb']:12.1f} {a['cache_mb']:9.2f} | "
+              f"{b['chunk_seconds']:22.4f} {b['peak_rss_mb']:12.1f} {b['cache_mb']:9.2f}")
+    windowed = [rows[frames, args.window] for frames in args.lengths]
+    for key, what, bar in (("peak_rss_mb", "peak RSS growth", 0.10), ("chunk_seconds", "chunk time", 0.15)):
+        values = [row[key] for row in windowed]
+        spread = max(values) / min(values) - 1
+        print(f"with the window, {what} across lengths: within {100 * spread:.1f}% ({'flat' if spread <= bar else 'NOT flat'}"
+              f", bar {100 * bar:.0f}%)")
+
+
+def cache_bytes(args) -> None:
+    """Print the FAR cache of the released models at 480p: per compressed frame, windowed, unbounded by length."""
+    from anyflow.model.config import PRESETS, AnyFlowFARConfig
+    from anyflow.runtime.memory import far_cache_bytes
+
+    h, w, chunk = 60, 104, 3  # 480 x 832 pixels; the released chunks of 3 latent frames
+    print(f"480p (latents {h}x{w}), bfloat16, chunks of {chunk} latent frames; window {args.window} + sink {args.sink}")
+    header = (f"{'model':>6} {'per compressed frame':>20} {'per full frame':>14} {'windowed':>9} "
+              + " ".join(f"{f'unbounded {n}f':>16}" for n in (81, 241, 961, 1921, 3841)))
+    print(header + "\n" + "-" * len(header))
+    for name, preset in (("1.3B", "anyflow-wan2.1-t2v-1.3b"), ("14B", "anyflow-wan2.1-t2v-14b")):
+        config = AnyFlowFARConfig(**{k: v for k, v in PRESETS[preset].to_dict().items()})
+        per_token = 2 * config.num_layers * config.hidden_size * 2
+        compressed, full = per_token * (h // 4) * (w // 4), per_token * (h // 2) * (w // 2)
+        windowed = far_cache_bytes(config, 1, h, w, 2, args.window, args.sink, chunk)
+
+        def unbounded(video_frames):  # while the last chunk is made: every older chunk compressed but the last few
+            partition = config.chunk_partition_for((video_frames - 1) // 4 + 1)
+            at_full = partition[-config.full_chunk_limit:]
+            return (sum(partition) - sum(at_full)) * compressed + sum(at_full) * full
+
+        print(f"{name:>6} {compressed / 1e6:17.0f} MB {full / 1e6:11.0f} MB {windowed / 1e9:6.2f} GB "
+              + " ".join(f"{unbounded(n) / 1e9:13.1f} GB" for n in (81, 241, 961, 1921, 3841)))
+
+
 def step_scaling(args) -> None:
     """Print one cached step's time, time without attention and allocated bytes against the cache's length."""
     import torch
@@ -215,7 +333,23 @@ def main() -> None:
     parser.add_argument("--cache-frames", type=int, nargs="+", default=[3, 12, 24, 48])
     parser.add_argument("--chunk-frames", type=int, default=3)
     parser.add_argument("--code", default=ROOT, help="the checkout whose anyflow --step-scaling runs")
+    parser.add_argument("--length-scaling", action="store_true", help="a chunk's cost against the video's length")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8, 32, 128, 512], help="latent frames")
+    parser.add_argument("--window", type=int, help="context window, latent frames (--length-scaling: default 2; "
+                        "--cache-bytes: 12)")
+    parser.add_argument("--sink", type=int, default=1, help="sink frames (default 1)")
+    parser.add_argument("--heads", type=int, default=4, help="--length-scaling: heads of 64 (default 4)")
+    parser.add_argument("--cache-bytes", action="store_true", help="the released models' cache at 480p")
     args = parser.parse_args()
+    if args.cache_bytes:
+        args.window = args.window or 12
+        return cache_bytes(args)
+    if args.length_scaling:
+        args.window = args.window or 2
+        args.repeats = args.repeats or 3
+        args.steps = args.steps if args.steps != 4 else 2
+        args.latent = tuple(int(v) for v in (args.latent or "16x16").lower().split("x"))
+        return length_scaling(args)
     if args.step_scaling:
         args.repeats = args.repeats or 5
         args.latent = tuple(int(v) for v in (args.latent or "32x56").lower().split("x"))

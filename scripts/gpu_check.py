@@ -18,6 +18,12 @@ The exit status is 1 when a section failed or a figure missed its bar.
 6. sample: the peak of ``sample()`` against ``anyflow.runtime.memory``'s estimate.
 7. load: ``from_pretrained(device=...)`` time and host peak RSS (a fresh process).
 8. parallel: ``load_parallel`` on one rank (NCCL on CUDA, gloo on the CPU) against ``from_pretrained``.
+9. streaming: FAR 1.3B at 480p made chunk by chunk with ``compile_blocks`` and a context window (12
+   frames and a sink of 1), at 1, 2 and 4 steps: the first chunk's latency, frames per second with
+   and without the VAE decode, and the peak memory at 81 and 961 frames (goal: 16 frames per second
+   at 2 steps, Wan's own rate, and the first chunk within 1 s on one H100).
+
+``--sections`` runs some of them (``--sections streaming``, for a short turn on a GPU).
 
 Memory figures are CUDA allocator peaks above what was allocated before; on the CPU they are not
 measured ("-"). Needs the test extra (diffusers, the oracle: ``pip install -e ".[test]"``); without it, it
@@ -35,6 +41,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -60,6 +67,14 @@ SMALL_CONFIGS = {
     "small": (dict(num_attention_heads=4, attention_head_dim=32, ffn_dim=256, text_dim=64, freq_dim=32, num_layers=3),
               (5, 16, 8, 16), 32),
 }
+# name: (transformer config, latents (C, h, w), Wan VAE config, frames for the frame rate, frames for the peaks)
+STREAMING = {"FAR 1.3B 480p": (dict(D13, num_layers=30), (16, 60, 104), {}, 241, (81, 961))}
+SMALL_STREAMING = {
+    "small": (SMALL_CONFIGS["small"][0], (16, 8, 16),
+              dict(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1), 41, (21, 81)),
+}
+STREAM_WINDOW, STREAM_SINK = 12, 1  # what the released models saw in training: 13 compressed frames at most
+STREAM_GOAL_FPS, STREAM_GOAL_FIRST_S = 16.0, 1.0  # Wan's frame rate at 2 steps, the first chunk within a second
 BF16_RATIO_BAR = 1.25  # our bfloat16 error may be at most this multiple of diffusers' (both against float32 diffusers)
 FP8_RATIO_BAR = 1.25  # our fp8 error at most this multiple of diffusers' with the same plainly quantised weights
 
@@ -447,6 +462,73 @@ def check_parallel(check: Check, configs: Dict, workdir: str) -> None:
               check.bar("load_parallel one rank", figures["error"] <= 1e-2))
 
 
+def check_streaming(check: Check, configs: Dict, backend: str) -> None:
+    from anyflow import AnyFlowFARConfig, sample_far_chunks
+    from anyflow.sampling import SeededNoise
+    from anyflow.vae import WanVAE
+    from anyflow.vae.config import WanVAEConfig
+
+    rows = check.section(
+        f"9. Streaming: FAR chunk by chunk, compile_blocks (backend {backend}), context window {STREAM_WINDOW} + sink "
+        f"{STREAM_SINK}", ["config", "steps", "frames", "first chunk s", "fps sampling", "fps with VAE decode",
+                            "peak MB", "goal"],
+        f"bfloat16 transformer, float32 VAE (the pipeline's default), one video. First chunk: from the call to its "
+        f"decoded frames (1 frame), after a warm-up that compiled every shape. Frames per second: the video's frames "
+        f"over the run's wall time, sampling alone (latents out) and with each chunk decoded as it comes. Goal: "
+        f"{STREAM_GOAL_FPS:g} fps with the decode at 2 steps, and the first chunk within {STREAM_GOAL_FIRST_S:g} s.")
+    device = check.device
+    for name, (config, (channels, h, w), vae_config, rate_frames, peak_frames) in configs.items():
+        with torch.device(device):
+            model = AnyFlowFARTransformer3DModel(AnyFlowFARConfig(**config)).eval()
+            vae = WanVAE(WanVAEConfig(z_dim=channels, **vae_config)).eval()
+        model.to_dtype("bfloat16").compile_blocks(backend=backend)
+        text = random_inputs(config, (1, channels, h, w), 512 if device.type == "cuda" else 32, device)[1]
+        with torch.no_grad():
+            context = model.prepare_context(text.to(torch.bfloat16))
+
+        def run(frames: int, steps: int, decode: bool):
+            """(seconds to the first chunk's output, seconds in all, peak MB) of one video."""
+            latent_frames = (frames - 1) // 4 + 1
+            synchronize(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+            start, first = time.perf_counter(), None
+            decoder = vae.decoder_stream() if decode else None
+            for _, latents in sample_far_chunks(model, SeededNoise((1, latent_frames, channels, h, w), 0), context,
+                                                num_steps=steps, context_window=STREAM_WINDOW, sink_frames=STREAM_SINK):
+                if decoder is not None:
+                    with torch.no_grad():
+                        decoder.push(latents.transpose(1, 2).float())
+                if first is None:
+                    synchronize(device)
+                    first = time.perf_counter() - start
+            synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None
+            return first, time.perf_counter() - start, peak
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the videos are longer than the trained 81 frames on purpose
+            run(rate_frames, 2, True)  # the warm-up: every shape compiled (the window is full after a few chunks)
+            peaks = {frames: run(frames, 2, True)[2] for frames in peak_frames}
+            for steps in (1, 2, 4):
+                first, seconds, _ = run(rate_frames, steps, True)
+                _, sampling, _ = run(rate_frames, steps, False)
+                goal = "-" if steps != 2 else ("met" if rate_frames / seconds >= STREAM_GOAL_FPS and
+                                               first <= STREAM_GOAL_FIRST_S else "missed")
+                check.row(rows, name, steps, rate_frames, f"{first:.2f}", f"{rate_frames / sampling:.1f}",
+                          f"{rate_frames / seconds:.1f}", "-", goal)
+        for frames, peak in peaks.items():
+            check.row(rows, name, 2, frames, "-", "-", "-", mb(peak), "-")
+        if device.type == "cuda" and None not in peaks.values():
+            low, high = (peaks[f] for f in peak_frames)
+            check.bar(f"streaming {name}: the peak at {peak_frames[1]} frames within 10% of the one at "
+                      f"{peak_frames[0]}", high <= 1.1 * low)
+        del model, vae, context
+        free()
+
+
+SECTIONS = ("smoke", "parity", "compile", "fp8", "offload", "sample", "load", "parallel", "streaming")
 FIGURES_MARK = "<!-- figures: everything below is written by scripts/gpu_check.py -->"
 
 
@@ -473,7 +555,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--workdir", default=None, help="where the random checkpoints go (default: a temporary folder)")
     parser.add_argument("--compile-backend", default=None,
                         help="torch.compile backend (default inductor; eager with --small on the CPU)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"the sections to run, comma separated (default all: {','.join(SECTIONS)})")
     args = parser.parse_args(argv)
+    sections = [name.strip() for name in args.sections.split(",") if name.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown or not sections:
+        parser.error(f"--sections: {', '.join(unknown) or 'none given'}; choose among {', '.join(SECTIONS)}")
     try:
         import diffusers  # noqa: F401  (the oracle every section but the smoke one compares with)
     except ImportError:
@@ -494,17 +582,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or tmp
         os.makedirs(workdir, exist_ok=True)
-        for name, (config, _, _) in configs.items():  # random weights in diffusers' layout, for every section
-            folder = os.path.join(workdir, name.replace(" ", "-"))
-            ensure_random_weights(AnyFlowConfig(**config).to_dict(), folder)
-        check.run("smoke", lambda: check_smoke(check))
-        check.run("parity", lambda: check_parity(check, configs, workdir))
-        check.run("compile", lambda: check_compile(check, configs, workdir, backend))
-        check.run("fp8", lambda: check_fp8(check, configs, workdir))
-        check.run("offload", lambda: check_offload(check, configs, workdir))
-        check.run("sample", lambda: check_sample_estimate(check, configs, workdir))
-        check.run("load", lambda: check_load(check, configs, workdir))
-        check.run("parallel", lambda: check_parallel(check, configs, workdir))
+        for name, (config, _, _) in configs.items():  # random weights in diffusers' layout, for the sections that load
+            if set(sections) - {"smoke", "streaming"}:
+                ensure_random_weights(AnyFlowConfig(**config).to_dict(), os.path.join(workdir, name.replace(" ", "-")))
+        work = {
+            "smoke": lambda: check_smoke(check),
+            "parity": lambda: check_parity(check, configs, workdir),
+            "compile": lambda: check_compile(check, configs, workdir, backend),
+            "fp8": lambda: check_fp8(check, configs, workdir),
+            "offload": lambda: check_offload(check, configs, workdir),
+            "sample": lambda: check_sample_estimate(check, configs, workdir),
+            "load": lambda: check_load(check, configs, workdir),
+            "parallel": lambda: check_parallel(check, configs, workdir),
+            "streaming": lambda: check_streaming(check, SMALL_STREAMING if args.small else STREAMING, backend),
+        }
+        for name in SECTIONS:
+            if name in sections:
+                check.run(name, work[name])
     seconds = time.perf_counter() - start
     if out:
         write_figures(out, check.markdown(args, seconds))

@@ -331,8 +331,13 @@ def test_sample_on_a_far_checkpoint_goes_chunk_by_chunk(tmp_path, embeddings, ca
 @pytest.mark.parametrize("extra,message", [
     (["--chunk-partition", "1", "2"], r"--chunk-partition \[1, 2\] sums to 3 latent frames, the video has 7 "
                                       r"\(--frames 25\); give a --chunk-partition that sums to 7"),
-    (["--frames", "9"], r"--frames 9: 3 latent frames, but the checkpoint's chunks \[1, 2, 2, 2\] \(its "
-                        r"chunk_partition\) make 7 \(--frames 25\); give that --frames, or a --chunk-partition"),
+    (["--frames", "10"], r"--frames must be 4k \+ 1 \(the Wan VAE compresses time by 4\), got 10"),
+    (["--context-window", "1"], r"--context-window 1 is smaller than a chunk \(2 latent frames\): a chunk ages into "
+                                r"the compressed context whole"),
+    (["--context-window", "2", "--sink-frames", "-1"], r"--sink-frames must be an int >= 0 \(the first latent frames "
+                                                       r"kept\), got -1"),
+    (["--context-window", "2", "--sink-frames", "3"], r"--sink-frames 3 is larger than --context-window 2"),
+    (["--sink-frames", "1"], r"--sink-frames 1 needs --context-window: without a window every frame is kept already"),
     (["--guidance-scale", "2"], r"--guidance-scale 2.0: the FAR sampler runs without guidance"),
     (["--context-latents", "{two_frames}"], r"--context-latents .*: context_latents gives 2 frames, which do not fill "
                                             r"whole chunks"),

@@ -32,9 +32,11 @@ def render(pipeline, settings: Settings, folder: str, progress: Progress, show: 
         show(pieces[-1])
 
     progress.sampling()
-    pipeline(settings.prompt, prompt_embeds=text, negative_prompt_embeds=negative,
-             negative_prompt=settings.negative_prompt if settings.guided else None, num_frames=settings.frames,
-             height=settings.height, width=settings.width, num_steps=settings.steps, seed=settings.seed,
-             guidance_scale=settings.guidance_scale, image=settings.image, chunk_partition=settings.chunks,
-             callback=lambda chunk, step, t: progress.step(chunk), on_frames=on_frames)
+    for frames in pipeline.stream(settings.prompt, prompt_embeds=text, negative_prompt_embeds=negative,
+                                  negative_prompt=settings.negative_prompt if settings.guided else None,
+                                  num_frames=settings.frames, height=settings.height, width=settings.width,
+                                  num_steps=settings.steps, seed=settings.seed, guidance_scale=settings.guidance_scale,
+                                  image=settings.image, chunk_partition=settings.chunks,
+                                  callback=lambda chunk, step, t: progress.step(chunk)):
+        on_frames(frames)  # nothing of the video is kept here: each piece goes to disk as it comes
     return video.finish(record)

@@ -87,30 +87,52 @@ def check_output_path(out: str, force: bool, inputs: List[tuple], argument: str 
         raise ValueError(f"{named}: already exists; pass --force to replace it")
 
 
+def add_long_video_options(parser) -> None:
+    """--context-window and --sink-frames: a FAR checkpoint's bounded cache (``sample`` and ``generate``)."""
+    parser.add_argument("--context-window", type=int, metavar="N",
+                        help="FAR checkpoints: keep N latent frames of compressed context behind the full-resolution "
+                        "chunks, the oldest leaving first: memory and time per chunk stay flat at any length "
+                        "(default: every frame, the authors' model; 12 with --sink-frames 1 is what the released "
+                        "models saw in training; docs/LONG_VIDEO.md)")
+    parser.add_argument("--sink-frames", type=int, default=0, metavar="N",
+                        help="FAR checkpoints, with --context-window: also keep the first N latent frames, whatever "
+                        "the length (an attention sink; default 0)")
+
+
 def check_chunks(args: argparse.Namespace, config, frames: int) -> Optional[tuple]:
-    """--chunk-partition and --guidance-scale against the model: a FAR model's chunks (checked to sum to the
-    latent frames) and no guidance; no chunks for a bidirectional one. None for a bidirectional model."""
+    """--chunk-partition, --guidance-scale, --context-window and --sink-frames against the model: a FAR model's
+    chunks (given, checked to sum to the latent frames, or the checkpoint's extended to them by its rule) and
+    no guidance; none of these for a bidirectional one. None for a bidirectional model."""
     from ..model.config import AnyFlowFARConfig, check_chunk_partition
+    from ..sampling.far import check_context_window
 
     if not isinstance(config, AnyFlowFARConfig):
-        if args.chunk_partition:
-            raise ValueError(f"--chunk-partition: {args.model} is a bidirectional checkpoint, which has no chunks")
+        for option, value in (("--chunk-partition", args.chunk_partition), ("--context-window", args.context_window),
+                              ("--sink-frames", args.sink_frames)):
+            if value:
+                raise ValueError(f"{option}: {args.model} is a bidirectional checkpoint, which has no chunks")
         return None
     if args.guidance_scale > 1:
         raise ValueError(f"--guidance-scale {args.guidance_scale}: the FAR sampler runs without guidance "
                          "(the released FAR weights have it built in)")
     if not args.chunk_partition:
-        default = config.chunk_partition
-        if sum(default) != frames:
-            raise ValueError(f"--frames {args.frames}: {frames} latent frames, but the checkpoint's chunks "
-                             f"{list(default)} (its chunk_partition) make {sum(default)} (--frames "
-                             f"{4 * (sum(default) - 1) + 1}); give that --frames, or a --chunk-partition that sums "
-                             f"to {frames}")
-        return tuple(default)
-    try:
-        return check_chunk_partition(args.chunk_partition, frames, "--chunk-partition")
-    except ValueError as exc:
-        raise ValueError(f"{exc} (--frames {args.frames}); give a --chunk-partition that sums to {frames}") from None
+        partition = config.chunk_partition_for(frames)
+    else:
+        try:
+            partition = check_chunk_partition(args.chunk_partition, frames, "--chunk-partition")
+        except ValueError as exc:
+            raise ValueError(f"{exc} (--frames {args.frames}); give a --chunk-partition that sums to {frames}") from None
+    check_context_window(config, partition, args.context_window, args.sink_frames, ("--context-window", "--sink-frames"))
+    return partition
+
+
+def long_video_line(args: argparse.Namespace, config, frames: int) -> Optional[str]:
+    """The one line a FAR run past the frames its checkpoint was trained on prints before loading, or None."""
+    from ..model.config import AnyFlowFARConfig
+    from ..sampling.far import long_video_note
+
+    note = long_video_note(config, frames) if isinstance(config, AnyFlowFARConfig) else None
+    return None if note is None else f"--frames {args.frames}: {note}"
 
 
 def loaded_details(args: argparse.Namespace, adapters: List[tuple]) -> str:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from typing import List, Optional
@@ -23,7 +24,8 @@ from ..runtime.video_shape import check_grid, latent_shape
 from .common import (
     CLI_NAMES, DEVICE_HELP, LATENTS_KEY, LORA_HELP, LORA_SKIP_HELP, NEGATIVE_KEY, OFFLOAD_HELP,
     PIXEL_RULE, PROMPT_KEY, SEED_HELP, SIGMAS_HELP, STEPS_HELP, WEIGHT_DTYPE_HELP, ClaimedOutput, Progress,
-    check_chunks, check_output_path, format_count, loaded_details, seed_number,
+    add_long_video_options, check_chunks, check_output_path, format_count, loaded_details,
+    long_video_line, seed_number,
 )
 
 
@@ -61,8 +63,11 @@ def add_command(commands) -> None:
                         "continuation); for a FAR checkpoint K must end a chunk")
     sample.add_argument("--chunk-partition", type=int, nargs="+", metavar="N",
                         help="FAR checkpoints: latent frames of each chunk, summing to (frames - 1) / 4 + 1 "
-                        "(default: the checkpoint's, 1 3 3 3 3 3 3 2 for 81 frames)")
-    sample.add_argument("--frames", type=int, default=81, help="video frames, 4k + 1 (default 81)")
+                        "(default: the checkpoint's, 1 3 3 3 3 3 3 2 for 81 frames, extended to any length by its "
+                        "rule: 1, then 3s, the remainder last)")
+    add_long_video_options(sample)
+    sample.add_argument("--frames", type=int, default=81, help="video frames, 4k + 1 (default 81); a FAR checkpoint "
+                        "takes any number, generated chunk by chunk")
     sample.add_argument("--height", type=int, default=480, help=f"pixels (default 480): {PIXEL_RULE}")
     sample.add_argument("--width", type=int, default=832, help=f"pixels (default 832): {PIXEL_RULE}")
     sample.add_argument("--seed", type=seed_number, default=0, help=SEED_HELP)
@@ -189,6 +194,8 @@ def check_sample_run(args: argparse.Namespace, processes) -> SampleRun:
     check_grid(config, args.frames, args.height, args.width, CLI_NAMES)
     guided = args.guidance_scale > 1
     partition = check_chunks(args, config, frames)
+    if long_video_line(args, config, frames):
+        processes.say(long_video_line(args, config, frames))
     text = read_embeddings("--prompt-embeds", args.prompt_embeds, PROMPT_KEY, config.text_dim)
     negative = None
     if args.negative_embeds and not guided:
@@ -206,7 +213,7 @@ def check_sample_run(args: argparse.Namespace, processes) -> SampleRun:
 
     text_tokens = text.shape[1]
     estimate = estimate_sampling_run(checkpoint, noise_shape, text_tokens, partition, guided, device, dtype,
-                                     args.weight_dtype, args.offload)
+                                     args.weight_dtype, args.offload, args.context_window, args.sink_frames)
     estimate = memory_share(processes, estimate, args.shard_weights, args.sequence_parallel)
     free = available_memory(device)
     need, where = shared_memory(processes, estimate.total, device)
@@ -217,7 +224,8 @@ def check_sample_run(args: argparse.Namespace, processes) -> SampleRun:
                          f"{gib(need)} but {where} has {gib(free)} available; use fewer frames or pixels")
     steps = len(steps_to_run(schedule))
     compute = (estimate_far_sampling_compute(config, noise_shape, text_tokens, steps, partition,
-                                             0 if given is None else given.shape[1]) if far
+                                             0 if given is None else given.shape[1], args.context_window,
+                                             args.sink_frames) if far
                else estimate_sampling_compute(config, noise_shape, text_tokens, steps, guided))
     compute = compute_share(processes, compute, args.sequence_parallel, device, dtype, config.hidden_size)
     processes.say(f"compute: {compute.describe()}{' per process' if processes.count > 1 else ''}")
@@ -278,8 +286,10 @@ def sample_in(processes, args: argparse.Namespace) -> int:
     import torch
 
     from ..pretrained import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel, load_parallel
+    from ..pipeline.latents_file import LatentsFile
     from ..sampling.bidirectional import sample
-    from ..sampling.far import sample_far
+    from ..sampling.far import LongVideoWarning, sample_far_chunks
+    from ..sampling.noise import SeededNoise
 
     failure, output = None, None
     try:
@@ -308,35 +318,48 @@ def sample_in(processes, args: argparse.Namespace) -> int:
                       f"{run.dtype}, {run.device}" + loaded_details(args, run.adapters)
                       + (f", {processes.count} processes" if processes.count > 1 else "")
                       + f") in {time.perf_counter() - start:.1f} s")
-        noise = torch.randn(run.noise_shape, generator=torch.Generator().manual_seed(args.seed))
         common = dict(num_steps=args.steps, sigmas=args.sigmas, shift=args.shift, use_mean_velocity=not args.raw_euler,
                       context_latents=run.given)
         text = run.text.to(run.dtype)
+        metadata = {"steps": str(len(steps)), "sigmas": json.dumps([round(s, 6) for s in schedule.tolist()]),
+                    "shift": str(args.shift), "seed": str(args.seed), "guidance_scale": str(args.guidance_scale),
+                    "flow_map": str(not args.raw_euler).lower(),
+                    "given_frames": str(0 if run.given is None else run.given.shape[1])}
         if run.far:
+            metadata["chunk_partition"] = json.dumps(list(partition))
             given_frames = 0 if run.given is None else run.given.shape[1]
             chunks = [i for i, end in enumerate(accumulate(partition)) if end > given_frames]
             progress = Progress(len(chunks) * len(steps), processes.say)
-            latents = sample_far(model, noise, text, chunk_partition=partition, **common,
-                                 callback=lambda chunk, i, t, z: progress.step(
-                                     f"chunk {chunk + 1}/{len(partition)} ({partition[chunk]} frames)", t,
-                                     1000 * schedule[i + 1].item()))
+            with warnings.catch_warnings():  # the run's length was said before loading
+                warnings.simplefilter("ignore", LongVideoWarning)
+                made = sample_far_chunks(model, SeededNoise(run.noise_shape, args.seed), text, chunk_partition=partition,
+                                         context_window=args.context_window, sink_frames=args.sink_frames, **common,
+                                         callback=lambda chunk, i, t, z: progress.step(
+                                             f"chunk {chunk + 1}/{len(partition)} ({partition[chunk]} frames)", t,
+                                             1000 * schedule[i + 1].item()))
+            # the chunks go to the file as they come (rank 0); nothing holds the whole video
+            with (LatentsFile(output.partial, args.out, LATENTS_KEY) if output is not None
+                  else contextlib.nullcontext()) as latents_file:
+                for _, chunk in made:
+                    if latents_file is not None:
+                        latents_file.append(chunk)
+                shape, dtype = (chunk.shape[0], chunk.shape[2], run.noise_shape[1], *chunk.shape[3:]), chunk.dtype
+                if latents_file is not None:
+                    latents_file.finish(metadata)
+                    output.finish()
         else:
+            noise = torch.randn(run.noise_shape, generator=torch.Generator().manual_seed(args.seed))
             progress = Progress(len(steps), processes.say)
             negative = None if run.negative is None else run.negative.to(run.dtype)
             latents = sample(model, noise, text, guidance_scale=args.guidance_scale,
                              negative_encoder_hidden_states=negative, **common,
                              callback=lambda i, t, z: progress.step("", t, 1000 * schedule[i + 1].item()))
-        latents = latents.transpose(1, 2).contiguous().cpu()  # diffusers layout (B, C, F, H, W), the model's dtype
-        if output is not None:
-            metadata = {"steps": str(len(steps)), "sigmas": json.dumps([round(s, 6) for s in schedule.tolist()]),
-                        "shift": str(args.shift), "seed": str(args.seed), "guidance_scale": str(args.guidance_scale),
-                        "flow_map": str(not args.raw_euler).lower(),
-                        "given_frames": str(0 if run.given is None else run.given.shape[1])}
-            if run.far:
-                metadata["chunk_partition"] = json.dumps(list(partition))
-            output.commit([(LATENTS_KEY, latents)], metadata)
-    processes.say(f"wrote {args.out}: '{LATENTS_KEY}' {tuple(latents.shape)} {str(latents.dtype).replace('torch.', '')} (B, C, F, H, W) after "
-                  f"{len(steps)} step(s)" + (f" in each of {len(chunks)} chunk(s)" if run.far else ""))
+            latents = latents.transpose(1, 2).contiguous().cpu()  # diffusers layout (B, C, F, H, W), the model's dtype
+            shape, dtype = tuple(latents.shape), latents.dtype
+            if output is not None:
+                output.commit([(LATENTS_KEY, latents)], metadata)
+    processes.say(f"wrote {args.out}: '{LATENTS_KEY}' {tuple(shape)} {str(dtype).replace('torch.', '')} (B, C, F, H, W) "
+                  f"after {len(steps)} step(s)" + (f" in each of {len(chunks)} chunk(s)" if run.far else ""))
     return 0
 
 

@@ -7,7 +7,7 @@
     block.py        the adaLN DiT block and the output head
     transformer.py  AnyFlowTransformer: __init__ and forward, the bidirectional model
     far.py          AnyFlowFARTransformer: the frame-autoregressive model, chunk by chunk
-    far_cache.py    its key/value cache
+    far_cache.py    its key/value cache, unbounded or within a context window
     layers.py       Linear, the norms, and every way a primitive is computed
     checks.py       the input checks
     parameters.py   every parameter name and shape a config implies; the fp32 islands (no torch)
@@ -28,6 +28,7 @@ _EXPORTS = {
     "Transformer3DOutput": "transformer",
     "AnyFlowFARTransformer": "far",
     "FarKVCache": "far_cache",
+    "ContextWindow": "far_cache",
     "FP32_ISLANDS": "parameters",
     "parameter_shapes": "parameters",
 }

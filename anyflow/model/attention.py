@@ -59,12 +59,27 @@ class KeyValueSlot:
     The first ``start`` tokens hold those of earlier frames. A forward writes its stream's keys
     and values in place at ``start .. start + L`` and attends over the first ``start + L`` tokens,
     so the earlier ones are never copied (:class:`anyflow.model.far_cache.FarKVCache` holds one per block).
+
+    ``placement`` writes the stream in pieces instead: ``(stream start, stream stop, storage start)``
+    each, in stream order, the attention then covering the storage up to the end of the furthest
+    piece (a windowed cache puts a chunk's compressed frames into the ring slots of the frames it
+    evicts, :class:`anyflow.model.far_cache.ContextWindow`).
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     start: int
     scratch: bool = False  # the stream's keys and values are a step's, not kept (overwritten by the next step)
+    placement: Optional[Tuple[Tuple[int, int, int], ...]] = None
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Write the stream's keys and values (B, L, H, d) into the storage; returns how many stored tokens the
+        stream attends over."""
+        pieces = self.placement or ((0, k.shape[1], self.start),)
+        for first, last, at in pieces:
+            self.keys[:, at:at + last - first] = k[:, first:last]  # in place: the earlier keys stay where they are
+            self.values[:, at:at + last - first] = v[:, first:last]
+        return max(at + last - first for first, last, at in pieces)
 
 
 def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -128,10 +143,8 @@ class SelfAttention(Attention):
             k = torch.cat([slot.keys[:, :slot.start], k], dim=1)
             v = torch.cat([slot.values[:, :slot.start], v], dim=1)
         elif slot is not None:
-            stop = slot.start + k.shape[1]
-            slot.keys[:, slot.start:stop] = k  # in place: the earlier keys and values stay where they are
-            slot.values[:, slot.start:stop] = v
-            k, v = slot.keys[:, :stop], slot.values[:, :stop]  # views (B, start + L, H, d)
+            stop = slot.write(k, v)
+            k, v = slot.keys[:, :stop], slot.values[:, :stop]  # views (B, stop, H, d)
         return self.o(self.attend(q, k, v, plan.visible))
 
 

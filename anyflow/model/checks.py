@@ -17,8 +17,9 @@ def _shape(value) -> object:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
-def check_latents(config: AnyFlowConfig, latents: torch.Tensor) -> Tuple[int, int, int]:
-    """Validate (B, F, C, H, W) latents; return the patch grid (F, H/ph, W/pw)."""
+def check_latents(config: AnyFlowConfig, latents: torch.Tensor, frames_in_table: bool = True) -> Tuple[int, int, int]:
+    """Validate (B, F, C, H, W) latents; return the patch grid (F, H/ph, W/pw). ``frames_in_table=False``: the
+    frames need not fit the RoPE table (a FAR cache's, whose positions are its own)."""
     if not isinstance(latents, torch.Tensor) or latents.dim() != 5:
         raise ValueError(f"hidden_states must be a 5-D tensor (B, F, C, H, W), got {_shape(latents)}")
     b, f, c, h, w = latents.shape
@@ -33,7 +34,7 @@ def check_latents(config: AnyFlowConfig, latents: torch.Tensor) -> Tuple[int, in
     if min(b, f, h, w) == 0:
         raise ValueError(f"hidden_states has an empty dimension: shape {tuple(latents.shape)}")
     grid = (f, h // ph, w // pw)
-    if max(grid) > config.rope_max_seq_len:
+    if max(grid[1:] if not frames_in_table else grid) > config.rope_max_seq_len:
         raise ValueError(f"patch grid (frames, rows, columns) = {grid} exceeds rope_max_seq_len={config.rope_max_seq_len}")
     compressed = getattr(config, "compressed_patch_size", None)  # a FAR model sees older frames through it
     if compressed is not None and (h % compressed[1] or w % compressed[2]):

@@ -150,6 +150,35 @@ class AnyFlowFARConfig(AnyFlowConfig):
             raise ValueError(f"full_chunk_limit must be a positive int, got {self.full_chunk_limit!r}")
         check_chunk_partition(self.chunk_partition)
 
+    @property
+    def trained_frames(self) -> int:
+        """The latent frames ``chunk_partition`` covers: the length the checkpoint was trained on (21, 81 video
+        frames, for the released ones)."""
+        return sum(self.chunk_partition)
+
+    def chunk_partition_for(self, frames: int) -> Tuple[int, ...]:
+        """The chunks a video of ``frames`` latent frames is made in, by the checkpoint's own rule.
+
+        Up to :attr:`trained_frames`, ``chunk_partition`` cut so that it sums to ``frames`` (its own at
+        its own length). Longer: its first chunk, then its usual chunk (the most common of its later
+        chunks, the larger on a tie; 3 for the released 1 3 3 3 3 3 3 2) as often as it fits, and the
+        remainder last: 1, 3, ..., 3, 2 for the released ones at any length 3k + 3.
+        """
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise ValueError(f"a video has at least one latent frame, got {frames!r}")
+        own = self.chunk_partition
+        if frames <= sum(own):
+            cut, total = [], 0
+            for chunk in own:
+                cut.append(min(chunk, frames - total))
+                total += cut[-1]
+                if total == frames:
+                    return tuple(cut)
+        later = own[1:] or own
+        usual = max(set(later), key=lambda size: (later.count(size), size))
+        repeats, remainder = divmod(frames - own[0], usual)
+        return (own[0],) + (usual,) * repeats + ((remainder,) if remainder else ())
+
 
 def check_chunk_partition(partition, frames: Optional[int] = None, name: str = "chunk_partition") -> Tuple[int, ...]:
     """A chunk partition as a tuple of positive ints (summing to ``frames`` when given), or a ValueError naming it."""

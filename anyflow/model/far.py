@@ -37,7 +37,7 @@ from .attention import TokenPlan, Visibility
 from .checks import TimestepLike, check_latents, timestep_grid
 from .config import AnyFlowFARConfig, check_chunk_partition
 from .embeddings import PatchEmbed, unpatchify
-from .far_cache import FarKVCache, KeyValueSlot, cache_storage
+from .far_cache import ContextWindow, FarKVCache, KeyValueSlot, cache_storage, rebased
 from .rope import rope_rotations
 from .transformer import AnyFlowBackbone, Context, PreparedContext, Transformer3DOutput
 
@@ -94,7 +94,8 @@ class AnyFlowFARTransformer(AnyFlowBackbone):
         full_frames = frames - compressed_frames
         chunk_tokens = self._chunk_tokens(partition, num_compressed, grid)
         latents = hidden_states.to(self.device, self.dtype)
-        tokens, segments, rope = self._stream(latents[:, :compressed_frames], latents[:, compressed_frames:], grid, 0)
+        tokens, segments, rope = self._stream(latents[:, :compressed_frames], latents[:, compressed_frames:], grid,
+                                              ((0, compressed_frames),), compressed_frames)
         visible = chunk_causal(chunk_tokens)
         time_embedding, time_modulation = self.time_embed(t, r, self.dtype)  # (B, F, D), (B, F, 6, D)
         if clean_hidden_states is not None:
@@ -130,47 +131,135 @@ class AnyFlowFARTransformer(AnyFlowBackbone):
         cache: Optional[FarKVCache] = None,
         encoder_hidden_states_image: Optional[torch.Tensor] = None,
         reserve_frames: int = 0,
+        window: Optional[ContextWindow] = None,
     ) -> FarKVCache:
-        """Encode the clean frames made so far, (B, F, C, H, W) in chunks of ``chunk_partition``, at t = r = 0.
+        """Encode the clean frames made so far, in chunks of ``chunk_partition``, at t = r = 0.
 
-        Without ``cache`` every chunk is encoded (as the reference does after each chunk). With the
-        cache of the first of these chunks (made from these same frames), only what changed is: the
-        chunks that age into the compressed part (attending to the compressed chunks already cached)
-        and the full-resolution chunks; the result is the same. The new cache takes the given one's
-        storage over, writing in place where it has room (the given cache is spent).
+        Without ``cache`` every chunk is encoded (as the reference does after each chunk), ``latents``
+        (B, F, C, H, W) holding all F frames. With the cache of the first of these chunks (made from these
+        same frames), only what changed is: the chunks that age into the compressed part (attending to the
+        compressed chunks already cached) and the full-resolution chunks; the result is the same, and
+        ``latents`` may hold only the last frames, from the first chunk encoded on. The new cache takes the
+        given one's storage over, writing in place where it has room (the given cache is spent).
 
         ``reserve_frames``: room for that many full-resolution frames after the cached ones (the
         next chunk's), so that its :meth:`step` calls write there in place instead of growing the
-        cache (:func:`anyflow.sample_far` reserves the next chunk).
+        cache (:func:`anyflow.sample_far` reserves the next chunk); positions are re-based when those
+        frames would end past ``rope_max_seq_len`` (:mod:`anyflow.model.far_cache`).
+
+        ``window`` (with ``cache`` None): a bounded cache that keeps of the compressed chunks only the
+        sink and the last ``window.frames`` frames (:class:`~anyflow.model.far_cache.ContextWindow`), in
+        storage allocated once; its refreshes age one chunk in at a time, as sampling does.
         """
         cfg = self.config
-        grid = check_latents(self.config, latents)
-        batch, frames = latents.shape[:2]
-        partition = check_chunk_partition(chunk_partition, frames)
+        grid = check_latents(self.config, latents, frames_in_table=False)
+        batch = latents.shape[0]
+        partition = check_chunk_partition(chunk_partition)
+        frames = sum(partition)
         if isinstance(reserve_frames, bool) or not isinstance(reserve_frames, int) or reserve_frames < 0:
             raise ValueError(f"reserve_frames must be an int >= 0 (frames of room after the cached ones), "
                              f"got {reserve_frames!r}")
+        if window is not None:
+            if cache is not None:
+                raise ValueError("window is given with cache=None only: a cache keeps the window it was made with")
+            cache = self._empty_cache(batch, grid, window)
         context = self._context(encoder_hidden_states, encoder_hidden_states_image, batch)
         num_compressed = max(0, len(partition) - (cfg.full_chunk_limit - 1))
         reused = 0 if cache is None else self._reusable_chunks(cache, partition, num_compressed, latents)
-        reused_frames = sum(partition[:reused])
+        if cache is not None and cache.window is not None and max(partition[reused:] + (reserve_frames,)) > \
+                cache.window.chunk_frames:
+            raise ValueError(f"chunks of up to {max(partition[reused:] + (reserve_frames,))} frames do not fit a "
+                             f"cache whose ContextWindow is made for chunks of at most {cache.window.chunk_frames}")
+        latents = self._frames_from(latents, sum(partition[:reused]), partition, cache is not None)
+        if cache is not None and cache.window is not None:
+            for aged in range(reused + 1, num_compressed):  # one chunk ages in per pass, as during sampling
+                chunks = aged + cfg.full_chunk_limit - 1
+                cache = self.encode_cache(latents[:, :sum(partition[:chunks]) - sum(partition[:reused])],
+                                          partition[:chunks], encoder_hidden_states, cache, encoder_hidden_states_image)
+                latents, reused = latents[:, partition[reused]:], reused + 1
+        first = sum(partition[:reused])  # the first frame encoded
         compressed_frames = sum(partition[:num_compressed])
+        base = rebased(0 if cache is None else cache.position_base, None if cache is None else cache.window,
+                       frames + reserve_frames, compressed_frames, cfg.rope_max_seq_len)
         latents = latents.to(self.device, self.dtype)
-        tokens, segments, rope = self._stream(latents[:, reused_frames:compressed_frames],
-                                              latents[:, compressed_frames:], grid, reused_frames)
+        tokens, segments, rope = self._stream(latents[:, :compressed_frames - first], latents[:, compressed_frames - first:],
+                                              grid, ((first - base, compressed_frames - first),),
+                                              compressed_frames - base)
         chunk_tokens = self._chunk_tokens(partition[reused:], num_compressed - reused, grid)
-        past_tokens = cache.compressed_tokens if reused else 0  # the compressed chunks kept, never re-encoded
-        num_tokens = past_tokens + sum(chunk_tokens)
-        capacity = num_tokens + reserve_frames * grid[1] * grid[2]
-        shape = (batch, capacity, cfg.num_attention_heads, cfg.attention_head_dim)
-        storage = cache_storage(len(self.blocks), shape, self.dtype, self.device,
-                                None if cache is None else cache.take_storage(), past_tokens)
-        zeros = torch.zeros(batch, frames - reused_frames, device=self.device)  # clean frames: t = r = 0
+        frame_tokens = self._frame_tokens(grid)
+        if cache is not None:
+            cache.rebase(base)
+        if cache is None or cache.window is None:
+            past_tokens = cache.compressed_tokens if reused else 0  # the compressed chunks kept, never re-encoded
+            num_tokens = past_tokens + sum(chunk_tokens)
+            capacity = num_tokens + reserve_frames * frame_tokens[1]
+            shape = (batch, capacity, cfg.num_attention_heads, cfg.attention_head_dim)
+            storage = cache_storage(len(self.blocks), shape, self.dtype, self.device,
+                                    None if cache is None else cache.take_storage(), past_tokens)
+            start, pieces, held = past_tokens, None, past_tokens + sum(chunk_tokens[:num_compressed - reused])
+        else:
+            start, pieces, held = cache.placement(first, compressed_frames, sum(chunk_tokens))
+            num_tokens = held + sum(chunk_tokens[num_compressed - reused:])
+            storage = cache.take_storage()  # allocated at its bound: written in place
+        zeros = torch.zeros(batch, frames - first, device=self.device)  # clean frames: t = r = 0
         _, time_modulation = self.time_embed(zeros, zeros, self.dtype)
-        plan = TokenPlan(segments, rope, chunk_causal(chunk_tokens, past_tokens))
-        self._run_blocks(tokens, context, time_modulation, plan, [KeyValueSlot(k, v, past_tokens) for k, v in storage])
-        compressed_tokens = past_tokens + sum(chunk_tokens[:num_compressed - reused])
-        return FarKVCache(partition, num_compressed, compressed_tokens, tuple(latents.shape[-2:]), storage, num_tokens)
+        aging = sum(chunk_tokens[:num_compressed - reused])
+        plan = TokenPlan(segments, rope, chunk_causal(chunk_tokens, held - aging))
+        self._run_blocks(tokens, context, time_modulation, plan, [KeyValueSlot(k, v, start, placement=pieces)
+                                                                  for k, v in storage])
+        if cache is None:
+            return FarKVCache(partition, num_compressed, held, tuple(latents.shape[-2:]), storage, num_tokens,
+                              frame_tokens=frame_tokens, position_base=base)
+        return cache.refreshed(partition, num_compressed, held, storage, num_tokens)
+
+    def reencode_cache(
+        self,
+        cache: FarKVCache,
+        latents: torch.Tensor,
+        encoder_hidden_states: Context,
+        encoder_hidden_states_image: Optional[torch.Tensor] = None,
+    ) -> FarKVCache:
+        """The frames ``cache`` holds, encoded again from scratch under another text (a prompt that changes).
+
+        The keys and values of later blocks depend on the text through cross-attention, so a new prompt
+        needs them anew. ``latents`` (B, n, C, H, W) are the frames ``cache.held_frames()`` lists, in
+        order; they are encoded as the cache holds them (the compressed frames it keeps, in their chunks,
+        each attending to those before it; then the full-resolution chunks), at their positions. The new
+        cache takes the given one's storage over (the given cache is spent).
+        """
+        cfg = self.config
+        grid = check_latents(self.config, latents, frames_in_table=False)
+        runs = cache.held_frames()
+        held_frames = sum(stop - start for start, stop in runs)
+        if latents.shape[0] != cache.batch_size or tuple(latents.shape[-2:]) != cache.latent_size \
+                or latents.shape[1] != held_frames:
+            raise ValueError(f"latents must be the {held_frames} frames the cache holds ({list(runs)}), batch "
+                             f"{cache.batch_size}, latents {cache.latent_size}; got {tuple(latents.shape)}")
+        self._check_cache_storage(cache)
+        context = self._context(encoder_hidden_states, encoder_hidden_states_image, latents.shape[0])
+        compressed_frames, base = cache.compressed_frames, cache.position_base
+        compressed_runs = tuple((start, min(stop, compressed_frames) - start) for start, stop in runs
+                                if start < compressed_frames)
+        kept = sum(n for _, n in compressed_runs)
+        chunk_tokens, start = [], 0
+        for index, size in enumerate(cache.chunk_partition):  # each chunk cut to the frames the cache keeps of it
+            kept_frames = sum(max(0, min(stop, start + size) - max(first, start)) for first, stop in runs)
+            if kept_frames:
+                chunk_tokens.append(kept_frames * self._frame_tokens(grid)[index >= cache.num_compressed_chunks])
+            start += size
+        latents = latents.to(self.device, self.dtype)
+        tokens, segments, rope = self._stream(latents[:, :kept], latents[:, kept:], grid,
+                                              tuple((first - base, n) for first, n in compressed_runs),
+                                              compressed_frames - base)
+        storage = cache.take_storage()
+        zeros = torch.zeros(latents.shape[0], held_frames, device=self.device)  # clean frames: t = r = 0
+        _, time_modulation = self.time_embed(zeros, zeros, self.dtype)
+        plan = TokenPlan(segments, rope, chunk_causal(chunk_tokens))
+        self._run_blocks(tokens, context, time_modulation, plan, [KeyValueSlot(k, v, 0) for k, v in storage])
+        window = cache.window
+        ring_origin = max(window.sink, compressed_runs[-1][0]) if window and compressed_runs else cache.ring_origin
+        return cache.refreshed(cache.chunk_partition, cache.num_compressed_chunks, cache.compressed_tokens, storage,
+                               cache.num_tokens, ring_origin=ring_origin, sink_keys=None)
 
     def step(
         self,
@@ -198,9 +287,11 @@ class AnyFlowFARTransformer(AnyFlowBackbone):
                     f"batch {batch} and {tuple(chunk.shape[-2:])}"
                 )
             self._check_cache_storage(cache)
-            offset = cache.num_frames
+            offset = cache.num_frames - cache.position_base  # the chunk's first position
         if offset + frames > self.config.rope_max_seq_len:
-            raise ValueError(f"frames {offset}..{offset + frames - 1} exceed rope_max_seq_len={self.config.rope_max_seq_len}")
+            raise ValueError(f"positions {offset}..{offset + frames - 1} exceed rope_max_seq_len="
+                             f"{self.config.rope_max_seq_len}; encode the cache with reserve_frames={frames} (its "
+                             "positions are then re-based)")
         context = self._context(encoder_hidden_states, encoder_hidden_states_image, batch)
         t, r = self._timesteps(timestep, r_timestep, batch, frames)
         tokens = [self.patch_embed(chunk.to(self.device, self.dtype))]  # (B, L, D), taken by the blocks
@@ -214,17 +305,24 @@ class AnyFlowFARTransformer(AnyFlowBackbone):
         x = self._run_blocks(tokens, context, time_modulation, plan, slots)
         return unpatchify(self.head(x, time_embedding, segments), grid, self.config.patch_size)
 
-    def _chunk_tokens(self, partition: Sequence[int], num_compressed: int, grid: Tuple[int, int, int]) -> List[int]:
-        """Tokens of each chunk: the first ``num_compressed`` chunks compressed, the rest at full resolution."""
+    def _frame_tokens(self, grid: Tuple[int, int, int]) -> Tuple[int, int]:
+        """Tokens of a compressed frame and of a full-resolution one."""
         _, h, w = grid
         _, ph, pw = self.config.patch_size
         _, ch, cw = self.config.compressed_patch_size
-        tokens_per_frame = (h * ph // ch) * (w * pw // cw), h * w
+        return (h * ph // ch) * (w * pw // cw), h * w
+
+    def _chunk_tokens(self, partition: Sequence[int], num_compressed: int, grid: Tuple[int, int, int]) -> List[int]:
+        """Tokens of each chunk: the first ``num_compressed`` chunks compressed, the rest at full resolution."""
+        tokens_per_frame = self._frame_tokens(grid)
         return [frames * tokens_per_frame[i >= num_compressed] for i, frames in enumerate(partition)]
 
-    def _stream(self, compressed: torch.Tensor, full: torch.Tensor, grid: Tuple[int, int, int], frame_offset: int):
-        """Tokens ``[compressed frames | full-resolution frames]`` of frames from ``frame_offset`` on:
-        ([tokens (B, L, D)], segments, RoPE rotations), the tokens in a list that :meth:`_run_blocks` takes them from."""
+    def _stream(self, compressed: torch.Tensor, full: torch.Tensor, grid: Tuple[int, int, int],
+                compressed_at: Sequence[Tuple[int, int]], full_at: int):
+        """Tokens ``[compressed frames | full-resolution frames]``: ([tokens (B, L, D)], segments, RoPE rotations),
+        the tokens in a list that :meth:`_run_blocks` takes them from. ``compressed_at``: the runs (position of
+        the first frame, frames) the compressed frames lie at, in order; the full-resolution ones follow from
+        position ``full_at``."""
         _, h, w = grid
         _, ph, pw = self.config.patch_size
         _, ch, cw = self.config.compressed_patch_size
@@ -232,14 +330,38 @@ class AnyFlowFARTransformer(AnyFlowBackbone):
         head_dim, device = self.config.attention_head_dim, self.device
         parts, segments, ropes = [], [], []
         if compressed.shape[1]:
-            small = (compressed.shape[1], h // pool[0], w // pool[1])
+            small = (h // pool[0], w // pool[1])
             parts.append(self.far_patch_embed(compressed))
-            segments.append((small[0], small[1] * small[2]))
-            ropes.append(rope_rotations(small, head_dim, device, frame_offset, pool))
+            segments.append((compressed.shape[1], small[0] * small[1]))
+            ropes += [rope_rotations((frames, *small), head_dim, device, first, pool) for first, frames in compressed_at]
         parts.append(self.patch_embed(full))
         segments.append((full.shape[1], h * w))
-        ropes.append(rope_rotations((full.shape[1], h, w), head_dim, device, frame_offset + compressed.shape[1]))
+        ropes.append(rope_rotations((full.shape[1], h, w), head_dim, device, full_at))
         return [torch.cat(parts, dim=1)], tuple(segments), torch.cat(ropes)
+
+    def _empty_cache(self, batch: int, grid: Tuple[int, int, int], window: ContextWindow) -> FarKVCache:
+        """A bounded cache of no frames yet, its storage allocated at the window's bound."""
+        cfg = self.config
+        frame_tokens = self._frame_tokens(grid)
+        shape = (batch, window.capacity(frame_tokens, cfg.full_chunk_limit), cfg.num_attention_heads,
+                 cfg.attention_head_dim)
+        storage = cache_storage(len(self.blocks), shape, self.dtype, self.device, None, 0)
+        _, h, w = grid
+        _, ph, pw = cfg.patch_size
+        return FarKVCache((), 0, 0, (h * ph, w * pw), storage, 0, window=window, frame_tokens=frame_tokens,
+                          ring_origin=window.sink)
+
+    @staticmethod
+    def _frames_from(latents: torch.Tensor, first: int, partition: Tuple[int, ...], incremental: bool) -> torch.Tensor:
+        """The frames from ``first`` on, of ``latents`` holding all the partition's frames or (``incremental``) its
+        last ones."""
+        frames, given = sum(partition), latents.shape[1]
+        if given == frames or (incremental and frames - first <= given < frames):
+            return latents[:, given - (frames - first):]
+        if incremental and given < frames:
+            raise ValueError(f"latents hold {given} frames; encoding chunks {list(partition)} with this cache needs "
+                             f"the last {frames - first} (frames {first}..{frames - 1})")
+        raise ValueError(f"chunk_partition {list(partition)} sums to {frames} latent frames, the video has {given}")
 
     def _reusable_chunks(self, cache: FarKVCache, partition: Tuple[int, ...], num_compressed: int,
                          latents: torch.Tensor) -> int:

@@ -17,10 +17,12 @@ from ..runtime.memory import (
 
 def estimate_sampling_run(checkpoint, noise_shape: Tuple[int, ...], text_tokens: int, partition: Optional[tuple],
                           guided: bool, device, dtype, weight_dtype: Optional[str] = None,
-                          offload: Optional[str] = None) -> MemoryEstimate:
+                          offload: Optional[str] = None, context_window: Optional[int] = None,
+                          sink_frames: int = 0) -> MemoryEstimate:
     """The memory sampling needs with the transformer ``checkpoint`` (a :class:`weights_convert.sources.Checkpoint`,
     opened for its headers): the weights as they will be loaded (in ``dtype``, or float8 with ``weight_dtype``),
-    the device's kernels, the FAR cache, and block ``offload``. What ``anyflow sample``, ``anyflow generate``
+    the device's kernels, the FAR cache (bounded by ``context_window`` and ``sink_frames`` when given), and
+    block ``offload``. What ``anyflow sample``, ``anyflow generate``
     and the app print and check before anything loads."""
     from weights_convert.conversion import loaded_nbytes
     from weights_convert.scaled_fp8 import stored_as_float8
@@ -31,7 +33,7 @@ def estimate_sampling_run(checkpoint, noise_shape: Tuple[int, ...], text_tokens:
     kernels = ForwardKernels.on(device, dtype)
     if isinstance(config, AnyFlowFARConfig):
         estimate = estimate_far_sampling_memory(config, weights, noise_shape, text_tokens, element_size, partition,
-                                                kernels)
+                                                kernels, context_window, sink_frames)
     else:
         estimate = estimate_sampling_memory(config, weights, noise_shape, text_tokens, element_size, guided, kernels)
     if not offload:

@@ -12,8 +12,8 @@ A snapshot as published (``nvidia/AnyFlow-Wan2.1-T2V-1.3B-Diffusers`` and its th
 
 The text encoder is streamed block by block from its mapped files and nothing of it stays once the
 embeddings are made (``keep_text_encoder=True`` keeps it for many prompts). A FAR snapshot decodes
-each chunk as soon as it is generated (``on_frames``), so frames come out while later chunks are
-being made.
+each chunk as soon as it is generated (:meth:`VideoPipeline.stream`), so frames come out while later
+chunks are being made, and makes videos of any length within bounded memory (docs/LONG_VIDEO.md).
 """
 
 from __future__ import annotations
@@ -21,14 +21,15 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..runtime.devices import resolve_device, resolve_dtype
 from ..runtime.video_shape import check_grid, latent_shape
 from ..sampling.bidirectional import sample
-from ..sampling.far import sample_far
+from ..sampling.far import check_context_window, check_prompt_schedule, sample_far_chunks
+from ..sampling.noise import SeededNoise
 from ..sampling.schedule import flow_map_sigmas, steps_to_run
 from .snapshot import Snapshot, check_components, read_snapshot
 
@@ -142,7 +143,7 @@ class VideoPipeline:
 
     def __call__(
         self,
-        prompt: Union[str, Sequence[str]],
+        prompt: Optional[Union[str, Sequence[str]]] = None,
         *,
         negative_prompt: Optional[Union[str, Sequence[str]]] = None,
         num_frames: int = 81,
@@ -157,6 +158,9 @@ class VideoPipeline:
         image: Optional[Frames] = None,
         video: Optional[Frames] = None,
         chunk_partition: Optional[Sequence[int]] = None,
+        context_window: Optional[int] = None,
+        sink_frames: int = 0,
+        prompt_schedule: Optional[Sequence[Tuple[int, Union[str, torch.Tensor]]]] = None,
         vae_tile: Tile = False,
         output: str = "float",
         callback: Optional[Callable[[Optional[int], int, float], None]] = None,
@@ -165,19 +169,28 @@ class VideoPipeline:
         prompt_embeds: Optional[torch.Tensor] = None,
         negative_prompt_embeds: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Generate videos.
+        """Generate videos: the whole of each, as :meth:`stream` makes it.
 
         Args:
             prompt, negative_prompt: a string or a list (one per video); the negative prompt is used
                 with ``guidance_scale`` > 1 (bidirectional snapshots; the FAR weights have guidance built in).
-            num_frames, height, width: the video's size (4k + 1 frames; multiples of 16, of 32 for FAR).
+            num_frames, height, width: the video's size (4k + 1 frames, any number of them for FAR snapshots;
+                multiples of 16 pixels, of 32 for FAR).
             num_steps, sigmas, shift: the schedule, as in :func:`anyflow.sample`; ``shift`` defaults to
                 the snapshot's scheduler config (5 for the released ones).
             seed, noise: the initial noise (B, F, C, h, w): given, or drawn from ``seed`` on the CPU in
                 float32 exactly as ``anyflow sample --seed`` draws it (None: a random seed).
             image, video: given frames the video starts with: an image (H, W, 3) or (B, H, W, 3), or a clip
                 (F', H, W, 3) or (B, F', H, W, 3), F' = 4k + 1, float in [0, 1] or uint8, of the video's size.
-            chunk_partition: FAR snapshots: latent frames per chunk (default the checkpoint's).
+            chunk_partition: FAR snapshots: latent frames per chunk (default the checkpoint's, extended to the
+                video by its rule: :meth:`anyflow.AnyFlowFARConfig.chunk_partition_for`).
+            context_window, sink_frames: FAR snapshots: bound the cache to the first ``sink_frames`` latent
+                frames and the last ``context_window`` of compressed context (:func:`anyflow.sample_far`;
+                docs/LONG_VIDEO.md). Default: unbounded, the authors' model.
+            prompt_schedule: FAR snapshots, one video: ``[(0, "a fox"), (4, "a fox jumps"), ...]``, the prompt
+                from each chunk on (strings, or embeddings (1, 512, text_dim) made by :meth:`encode_prompt`),
+                the first at chunk 0, instead of ``prompt``; at each switch the cached frames are encoded
+                again under the new text.
             vae_tile: decode in overlapping spatial tiles (True: 256 pixels every 192, as diffusers'
                 ``enable_tiling()``; or (tile, stride) in pixels): the decoder's memory is a tile's, not a
                 frame's; frames differ slightly where tiles meet (:mod:`anyflow.vae.tiling`).
@@ -187,76 +200,150 @@ class VideoPipeline:
                 (``chunk`` None for a bidirectional snapshot; ``step_index`` into the schedule).
             on_frames: called with each decoded piece of the video (B, n, H, W, 3) float in [0, 1] as soon
                 as it is ready; FAR snapshots decode chunk by chunk, while later chunks are being made.
-            on_latents: called once with the final latents (B, F, C, h, w), before they are decoded.
+            on_latents: called once with the final latents (B, F, C, h, w), before they are decoded (FAR
+                snapshots: once every chunk is decoded; :meth:`stream` hands them out chunk by chunk).
             prompt_embeds, negative_prompt_embeds: embeddings made beforehand by :meth:`encode_prompt`
                 (then ``prompt`` only gives the batch size and the prompts are not encoded again).
         """
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-        prompts = list(prompts)
+        _check_output(output)
+        kept: List[torch.Tensor] = []  # the latents, only when asked for
+        keep = on_latents is not None or output == "latents"
+        pieces = []
+        for piece in self.stream(prompt, negative_prompt=negative_prompt, num_frames=num_frames, height=height,
+                                 width=width, num_steps=num_steps, sigmas=sigmas, shift=shift,
+                                 guidance_scale=guidance_scale, seed=seed, noise=noise, image=image, video=video,
+                                 chunk_partition=chunk_partition, context_window=context_window,
+                                 sink_frames=sink_frames, prompt_schedule=prompt_schedule, vae_tile=vae_tile,
+                                 output="latents" if output == "latents" else "float", callback=callback,
+                                 on_latents=kept.append if keep else None, prompt_embeds=prompt_embeds,
+                                 negative_prompt_embeds=negative_prompt_embeds):
+            if output != "latents":
+                pieces.append(piece)
+                if on_frames is not None:
+                    on_frames(piece)
+        latents = (kept[0] if len(kept) == 1 else torch.cat(kept, dim=1)) if keep else None
+        if on_latents is not None and output != "latents":
+            on_latents(latents)
+        if output == "latents":
+            if on_latents is not None:
+                on_latents(latents)
+            return latents
+        frames = torch.cat(pieces, dim=1)
+        return (frames * 255).round().to(torch.uint8) if output == "uint8" else frames
+
+    def stream(
+        self,
+        prompt: Optional[Union[str, Sequence[str]]] = None,
+        *,
+        negative_prompt: Optional[Union[str, Sequence[str]]] = None,
+        num_frames: int = 81,
+        height: int = 480,
+        width: int = 832,
+        num_steps: int = 4,
+        sigmas: Optional[Sequence[float]] = None,
+        shift: Optional[float] = None,
+        guidance_scale: float = 1.0,
+        seed: Optional[int] = None,
+        noise: Optional[torch.Tensor] = None,
+        image: Optional[Frames] = None,
+        video: Optional[Frames] = None,
+        chunk_partition: Optional[Sequence[int]] = None,
+        context_window: Optional[int] = None,
+        sink_frames: int = 0,
+        prompt_schedule: Optional[Sequence[Tuple[int, Union[str, torch.Tensor]]]] = None,
+        vae_tile: Tile = False,
+        output: str = "float",
+        callback: Optional[Callable[[Optional[int], int, float], None]] = None,
+        on_latents: Optional[Callable[[torch.Tensor], None]] = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+    ) -> Iterator[torch.Tensor]:
+        """Generate videos piece by piece, for real-time use::
+
+            for frames in pipe.stream("a fox in the snow", num_frames=961, context_window=12, sink_frames=1):
+                show(frames)  # (B, n, H, W, 3) float in [0, 1]
+
+        The arguments are :meth:`__call__`'s, checked when it is called, before any work. A FAR snapshot
+        yields each chunk's frames as soon as the chunk is made and decoded (the first chunk 1 frame, each
+        later one 4 per latent frame); a bidirectional one yields the whole video once sampled. Nothing
+        keeps the whole video: with a ``context_window`` and a seed the memory is the same at any length.
+        ``output``: ``"float"``, ``"uint8"`` frames, or ``"latents"`` (each chunk's latents, not decoded).
+        ``on_latents`` is called with each chunk's latents (B, n, C, h, w) before they are decoded.
+        """
+        prompts, schedule = _prompts(prompt, prompt_schedule, prompt_embeds)
         run = self._check_call(prompts, negative_prompt, num_frames, height, width, num_steps, sigmas, shift,
-                               guidance_scale, seed, noise, image, video, chunk_partition, output)
+                               guidance_scale, seed, noise, image, video, chunk_partition, output, context_window,
+                               sink_frames, schedule)
+        return self._generate(run, prompts, negative_prompt, guidance_scale, num_steps, sigmas, vae_tile, output,
+                              callback, on_latents, prompt_embeds, negative_prompt_embeds)
+
+    def _generate(self, run: "CallPlan", prompts: List[str], negative_prompt, guidance_scale: float, num_steps: int,
+                  sigmas, vae_tile: Tile, output: str, callback, on_latents, prompt_embeds,
+                  negative_prompt_embeds) -> Iterator[torch.Tensor]:
+        """The work of :meth:`stream`, its arguments checked."""
         negatives = []
         if run.guided and negative_prompt_embeds is None:
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        if prompt_embeds is None:  # one pass of the (streamed) encoder for the prompts and the negative ones
-            prompt_embeds, negative_prompt_embeds = _split(self.encode_prompt(prompts + negatives), len(prompts),
-                                                           negative_prompt_embeds)
-        elif negatives:
-            negative_prompt_embeds = self.encode_prompt(negatives)
-        text = prompt_embeds.to(self.transformer.dtype)
-        negative = negative_prompt_embeds.to(self.transformer.dtype) if run.guided else None
+        scheduled = [text for _, text in run.schedule if isinstance(text, str)]
+        # one pass of the (streamed) encoder for every prompt not encoded yet, the negative ones included
+        wanted = ([] if prompt_embeds is not None else prompts) + scheduled + negatives
+        encoded = self.encode_prompt(wanted) if wanted else None
+        taken = 0
+
+        def take(count: int) -> torch.Tensor:
+            nonlocal taken
+            taken += count
+            return encoded[taken - count:taken]
+
+        if prompt_embeds is None and prompts:
+            prompt_embeds = take(len(prompts))
+        scheduled_embeds = take(len(scheduled)) if scheduled else None
+        if negatives:
+            negative_prompt_embeds = take(len(negatives))
+        dtype = self.transformer.dtype
+        switches, used = [], 0
+        for chunk, entry in run.schedule:
+            if isinstance(entry, str):
+                entry, used = scheduled_embeds[used:used + 1], used + 1
+            switches.append((chunk, entry.to(dtype)))
+        if switches:  # the schedule's first prompt is the start's
+            (_, text), switches = switches[0], switches[1:]
+        else:
+            text = prompt_embeds.to(dtype)
+        negative = negative_prompt_embeds.to(dtype) if run.guided else None
         given = None if run.given_frames is None else self.encode(run.given_frames)
         common = dict(num_steps=num_steps, sigmas=sigmas, shift=run.shift, context_latents=given)
 
-        def far_step(chunk, i, t, _):
+        def step(chunk, i, t, _=None):
             if callback is not None:
                 callback(chunk, i, t)
 
-        def step(i, t, _):
-            if callback is not None:
-                callback(None, i, t)
-
-        decoded: List[torch.Tensor] = []
         if self.far:
-            stream = self.vae.decoder_stream(tile=vae_tile) if output != "latents" else None
-
-            def chunk_ready(index: int, latents: torch.Tensor) -> None:
-                if stream is None:
-                    return
-                with torch.no_grad():
-                    frames = _to_frames(stream.push(latents.transpose(1, 2).to(self.device)))
-                decoded.append(frames)
-                if on_frames is not None:
-                    on_frames(frames)
-
-            latents = sample_far(self.transformer, run.noise, text, chunk_partition=run.partition,
-                                 callback=far_step, chunk_callback=chunk_ready, **common)
+            chunks = (latents for _, latents in sample_far_chunks(
+                self.transformer, run.noise, text, chunk_partition=run.partition, callback=step,
+                context_window=run.context_window, sink_frames=run.sink_frames, prompt_schedule=switches, **common))
         else:
-            latents = sample(self.transformer, run.noise, text, guidance_scale=guidance_scale,
-                             negative_encoder_hidden_states=negative, callback=step, **common)
-        if on_latents is not None:
-            on_latents(latents)
-        if not self.far and output != "latents":
-                for frames in self._decoded_chunks([latents], vae_tile):
-                    decoded.append(frames)
-                    if on_frames is not None:
-                        on_frames(frames)
-        if output == "latents":
-            return latents
-        frames = torch.cat(decoded, dim=1)
-        return (frames * 255).round().to(torch.uint8) if output == "uint8" else frames
+            chunks = iter([sample(self.transformer, run.noise, text, guidance_scale=guidance_scale,
+                                  negative_encoder_hidden_states=negative, callback=lambda i, t, z: step(None, i, t),
+                                  **common)])
+        decoder = self.vae.decoder_stream(tile=vae_tile) if output != "latents" else None
+        for latents in chunks:
+            if on_latents is not None:
+                on_latents(latents)
+            if decoder is None:
+                yield latents
+                continue
+            with torch.no_grad():
+                frames = _to_frames(decoder.push(latents.transpose(1, 2).to(self.device)))
+            yield (frames * 255).round().to(torch.uint8) if output == "uint8" else frames
 
     def _check_call(self, prompts, negative_prompt, num_frames, height, width, num_steps, sigmas, shift,
-                    guidance_scale, seed, noise, image, video, chunk_partition, output) -> "CallPlan":
+                    guidance_scale, seed, noise, image, video, chunk_partition, output, context_window=None,
+                    sink_frames=0, prompt_schedule=()) -> "CallPlan":
         """Every argument of a call, checked before any work, and what follows from them."""
         from ..model.config import check_chunk_partition
 
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompts!r}")
-        if output not in ("float", "uint8", "latents"):
-            raise ValueError(f"output must be 'float', 'uint8' or 'latents', got {output!r}")
+        _check_output(output)
         config = self.transformer.config
         frames, h, w = latent_shape(num_frames, height, width)
         check_grid(config, num_frames, height, width)
@@ -273,7 +360,7 @@ class VideoPipeline:
                 raise ValueError(f"guidance_scale {guidance_scale} needs a negative_prompt")
             if not isinstance(negative_prompt, str) and len(list(negative_prompt)) != len(prompts):
                 raise ValueError(f"negative_prompt has {len(list(negative_prompt))} prompts for {len(prompts)} prompts")
-        batch = len(prompts)
+        batch = len(prompts) or 1  # (a prompt_schedule makes one video)
         shape = (batch, frames, config.in_channels, h, w)
         if noise is not None:
             if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != shape:
@@ -287,7 +374,8 @@ class VideoPipeline:
                 seed = torch.Generator().seed()
             if not (isinstance(seed, numbers.Integral) and 0 <= seed < 2**64):
                 raise ValueError(f"seed must be an integer from 0 to 2^64 - 1, got {seed!r}")
-            noise = torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
+            noise = (SeededNoise(shape, int(seed)) if self.far  # drawn chunk by chunk, the same numbers
+                     else torch.randn(shape, generator=torch.Generator().manual_seed(int(seed))))
         if image is not None and video is not None:
             raise ValueError("give image or video, not both")
         given = None
@@ -308,36 +396,68 @@ class VideoPipeline:
         given_latent_frames = 0 if given is None else (given.shape[1] - 1) // 4 + 1
         if given_latent_frames >= frames:
             raise ValueError(f"the given frames fill the whole video of {num_frames} frames: nothing to generate")
-        partition = None
+        partition, window = None, None
         chunks_to_make = 1
         if self.far:
-            partition = check_chunk_partition(chunk_partition or config.chunk_partition, frames, "chunk_partition")
+            partition = check_chunk_partition(chunk_partition or config.chunk_partition_for(frames), frames,
+                                              "chunk_partition")
             ends = [sum(partition[:i + 1]) for i in range(len(partition))]
             if given_latent_frames and given_latent_frames not in ends:
                 raise ValueError(f"the given frames make {given_latent_frames} latent frames, which do not end a chunk "
                                  f"(chunks end after {ends[:-1]})")
             chunks_to_make = sum(end > given_latent_frames for end in ends)
-        elif chunk_partition is not None:
-            raise ValueError("chunk_partition is for FAR snapshots; this one is bidirectional")
-        return CallPlan(noise, given, partition, steps, shift, guided, chunks_to_make)
+            window = check_context_window(config, partition, context_window, sink_frames)
+            check_prompt_schedule([(chunk, text) for chunk, text in prompt_schedule[1:]], len(partition))
+        else:
+            for name, value in (("chunk_partition", chunk_partition), ("context_window", context_window),
+                                ("sink_frames", sink_frames or None), ("prompt_schedule", prompt_schedule or None)):
+                if value is not None:
+                    raise ValueError(f"{name} is for FAR snapshots; this one is bidirectional")
+        return CallPlan(noise, given, partition, steps, shift, guided, chunks_to_make,
+                        None if window is None else window.frames, sink_frames, tuple(prompt_schedule))
 
 
 @dataclass
 class CallPlan:
     """What a checked call will do."""
 
-    noise: torch.Tensor  # (B, F, C, h, w) float32
+    noise: Union[torch.Tensor, SeededNoise]  # (B, F, C, h, w) float32
     given_frames: Optional[torch.Tensor]  # (B, F', H, W, 3) float in [0, 1]
     partition: Optional[Tuple[int, ...]]
     steps: List[int]
     shift: float
     guided: bool
     chunks_to_make: int
+    context_window: Optional[int] = None
+    sink_frames: int = 0
+    schedule: Tuple[Tuple[int, Union[str, torch.Tensor]], ...] = ()  # the prompts from their chunks on, chunk 0 first
 
 
-def _split(embeddings: torch.Tensor, count: int, negative: Optional[torch.Tensor]):
-    """(the first ``count`` embeddings, the rest, or ``negative`` when there is no rest)."""
-    return embeddings[:count], embeddings[count:] if embeddings.shape[0] > count else negative
+def _check_output(output: str) -> None:
+    if output not in ("float", "uint8", "latents"):
+        raise ValueError(f"output must be 'float', 'uint8' or 'latents', got {output!r}")
+
+
+def _prompts(prompt, prompt_schedule, prompt_embeds) -> Tuple[List[str], List[Tuple[int, Union[str, torch.Tensor]]]]:
+    """The prompts of a call (one per video) and its prompt schedule, checked: a prompt, or a schedule from chunk 0."""
+    if prompt_schedule is None:
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        return list(prompts), []
+    if prompt is not None or prompt_embeds is not None:
+        raise ValueError("give prompt (or prompt_embeds) or prompt_schedule, not both: the schedule's first prompt, "
+                         "at chunk 0, is the start's")
+    schedule = list(prompt_schedule) if isinstance(prompt_schedule, (list, tuple)) else None
+    if not schedule or not all(isinstance(e, (list, tuple)) and len(e) == 2 for e in schedule):
+        raise ValueError(f"prompt_schedule must be a non-empty list of (chunk, prompt) pairs, got {prompt_schedule!r}")
+    for chunk, text in schedule:
+        if not isinstance(text, str) and not (isinstance(text, torch.Tensor) and text.dim() == 3 and text.shape[0] == 1):
+            raise ValueError(f"prompt_schedule: chunk {chunk!r}: a prompt (a string) or its embeddings (1, S, text_dim) "
+                             f"for one video, got {type(text).__name__}")
+    if schedule[0][0] != 0:
+        raise ValueError(f"prompt_schedule starts at chunk 0 (the start's prompt), got chunk {schedule[0][0]!r} first")
+    return [], [tuple(entry) for entry in schedule]
 
 
 def _to_frames(video: torch.Tensor) -> torch.Tensor:

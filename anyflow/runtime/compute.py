@@ -68,10 +68,12 @@ def estimate_sampling_compute(config: AnyFlowConfig, latent_shape: Tuple[int, in
 
 def estimate_far_sampling_compute(config: AnyFlowFARConfig, latent_shape: Tuple[int, int, int, int, int],
                                   text_tokens: int, steps: int, chunk_partition: Sequence[int],
-                                  given_frames: int = 0) -> ComputeEstimate:
+                                  given_frames: int = 0, context_window: Optional[int] = None,
+                                  sink_frames: int = 0) -> ComputeEstimate:
     """The compute of :func:`anyflow.sample_far`: each generated chunk's steps over its own tokens, attending to
-    the cache (older chunks compressed, the last ``full_chunk_limit - 1`` at full resolution) and to itself,
-    and one cache refresh per chunk but the last (counted as one more pass over the chunk: an upper bound)."""
+    the cache (older chunks compressed, the last ``full_chunk_limit - 1`` at full resolution; with a
+    ``context_window`` at most ``sink_frames + context_window`` compressed frames) and to itself, and one
+    cache refresh per chunk but the last (counted as one more pass over the chunk: an upper bound)."""
     b, f, _, h, w = latent_shape
     _, ph, pw = config.patch_size
     _, ch, cw = config.compressed_patch_size
@@ -80,7 +82,10 @@ def estimate_far_sampling_compute(config: AnyFlowFARConfig, latent_shape: Tuple[
     for index, frames in enumerate(chunk_partition):
         older = chunk_partition[:index]
         kept = older[len(older) - (config.full_chunk_limit - 1):] if config.full_chunk_limit > 1 else []
-        keys = (sum(older) - sum(kept)) * compressed + (sum(kept) + frames) * full
+        compressed_frames = sum(older) - sum(kept)
+        if context_window is not None:
+            compressed_frames = min(compressed_frames, sink_frames + context_window)
+        keys = compressed_frames * compressed + (sum(kept) + frames) * full
         passes = (steps if start + frames > given_frames else 0) + (index < len(chunk_partition) - 1)
         flops += passes * forward_flops(config, b, frames * full, keys, text_tokens)
         forwards += passes

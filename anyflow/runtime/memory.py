@@ -158,25 +158,53 @@ def estimate_far_sampling_memory(
     element_size: int,
     chunk_partition: Sequence[int],
     kernels: Optional["ForwardKernels"] = None,
+    context_window: Optional[int] = None,
+    sink_frames: int = 0,
 ) -> MemoryEstimate:
     """Estimate the peak memory of :func:`anyflow.sample_far`: as :func:`estimate_sampling_memory`, with the
     largest pass either a refresh of the cache (the full-resolution chunks and one chunk aging into the
     compressed part) or a step (one chunk), and the cache: its storage with room for a chunk after the
     cached tokens (a step writes there in place), and one block's old storage beside its new one while
-    a refresh moves the cache to larger storage, block by block (:mod:`anyflow.model.far_cache`)."""
+    a refresh moves the cache to larger storage, block by block (:mod:`anyflow.model.far_cache`).
+
+    With a ``context_window`` the cache is allocated once at its bound (``sink_frames`` and
+    ``context_window`` compressed frames, the full-resolution chunks and the room: :func:`far_cache_bytes`)
+    and the latents held are those the cache may need again, whatever the length."""
     b, f, c, h, w = latent_shape
-    _, ph, pw = config.patch_size
-    _, ch, cw = config.compressed_patch_size
-    full, compressed = (h // ph) * (w // pw), (h // ch) * (w // cw)
     largest, kept = max(chunk_partition), config.full_chunk_limit - 1
+    compressed, full = _frame_tokens(config, h, w)
     pass_tokens = max(kept * largest * full + largest * compressed, largest * full)
-    cache_tokens = f * compressed + kept * largest * full
-    per_block = 2 * b * (cache_tokens + largest * full) * config.hidden_size * element_size  # keys, values, room
-    cache = (config.num_layers + 1) * per_block
     plain = estimate_sampling_memory(config, weight_bytes, latent_shape, text_tokens, element_size)
-    return MemoryEstimate(weight_bytes, plain.latents, plain.context,
+    if context_window is None:
+        cache_tokens = f * compressed + kept * largest * full
+        per_block = 2 * b * (cache_tokens + largest * full) * config.hidden_size * element_size  # keys, values, room
+        cache, latents = (config.num_layers + 1) * per_block, plain.latents
+    else:
+        cache = far_cache_bytes(config, b, h, w, element_size, context_window, sink_frames, largest)
+        held = sink_frames + context_window + config.full_chunk_limit * largest  # frames of latents kept
+        latents = plain.latents * min(f, held) // f
+    return MemoryEstimate(weight_bytes, latents, plain.context,
                           _forward_activations(config, b, pass_tokens, element_size, kernels or ForwardKernels()),
                           cache)
+
+
+def far_cache_bytes(config: AnyFlowFARConfig, batch: int, height: int, width: int, element_size: int,
+                    context_window: int, sink_frames: int, chunk_frames: int) -> int:
+    """Bytes of a FAR cache bounded by a context window (latents ``height`` x ``width``): every block's keys and
+    values of the ``sink_frames`` and ``context_window`` compressed frames, ``full_chunk_limit - 1`` chunks of
+    ``chunk_frames`` at full resolution and the room for the next chunk
+    (:meth:`anyflow.model.far_cache.ContextWindow.capacity`), plus the sink's keys kept once positions re-base."""
+    compressed, full = _frame_tokens(config, height, width)
+    tokens = (sink_frames + context_window) * compressed + config.full_chunk_limit * chunk_frames * full
+    per_token = 2 * config.num_layers * batch * config.hidden_size * element_size  # keys and values of every block
+    return per_token * tokens + per_token // 2 * sink_frames * compressed
+
+
+def _frame_tokens(config: AnyFlowFARConfig, height: int, width: int) -> Tuple[int, int]:
+    """Tokens of a compressed latent frame and of a full-resolution one, for latents ``height`` x ``width``."""
+    _, ph, pw = config.patch_size
+    _, ch, cw = config.compressed_patch_size
+    return (height // ch) * (width // cw), (height // ph) * (width // pw)
 
 
 @dataclass(frozen=True)

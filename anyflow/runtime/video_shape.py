@@ -28,7 +28,8 @@ def latent_shape(frames: int, height: int, width: int, names: Tuple[str, str, st
 
 def check_grid(config, frames: int, height: int, width: int, names: Tuple[str, str, str] = NAMES) -> None:
     """The patch grid of a video against the model's patches (a FAR model's compressed one too) and its
-    RoPE table, naming the argument and the multiple that would fit."""
+    RoPE table, naming the argument and the multiple that would fit. A FAR model takes any number of frames
+    (its frame positions are re-based past the table, :mod:`anyflow.model.far_cache`)."""
     limit = config.rope_max_seq_len
     _, ph, pw = config.patch_size
     _, ch, cw = getattr(config, "compressed_patch_size", (1, ph, pw))
@@ -42,6 +43,6 @@ def check_grid(config, frames: int, height: int, width: int, names: Tuple[str, s
             if size % p:
                 raise ValueError(f"{argument} {value}: {size} latent pixels are not divisible by the model's {which} "
                                  f"{p}; use a multiple of {VAE_SPACE_STRIDE * math.lcm(patch, compressed)}")
-        if size // patch > limit:
+        if size // patch > limit and not (argument == names[0] and hasattr(config, "chunk_partition")):
             raise ValueError(f"{argument} {value}: {size // patch} positions exceed the model's rope_max_seq_len={limit} "
                              f"(at most {argument} {most})")

@@ -10,7 +10,9 @@ cross-attention keys and values) is prepared once per call, not once per step.
 
     schedule.py  the noise levels of an N-step run (shifted), which steps run, the step
     bidirectional.py  sample: the bidirectional model, every step over the whole video (guidance, given frames)
-    far.py       sample_far: the FAR model, chunk by chunk, with its cache
+    far.py       sample_far: the FAR model, chunk by chunk, with its cache (any length, a bounded
+                 cache, a prompt that changes); sample_far_chunks hands the chunks out as they come
+    noise.py     SeededNoise: a seed's noise drawn chunk by chunk
     checks.py    the checks both share
 
 The samplers call only the model's ``forward`` (``step`` and ``encode_cache`` for FAR) and
@@ -28,7 +30,12 @@ _EXPORTS = {
     "sample": "bidirectional",
     "Context": "bidirectional",
     "sample_far": "far",
+    "sample_far_chunks": "far",
+    "LongVideoWarning": "far",
     "check_given_frames": "far",
+    "check_context_window": "far",
+    "check_prompt_schedule": "far",
+    "SeededNoise": "noise",
 }
 
 __all__ = sorted(_EXPORTS)
