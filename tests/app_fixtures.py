@@ -1,7 +1,7 @@
 """The app served in the test process, on a tiny snapshot, with its pipeline watched.
 
     app = serve_app(snapshot_root)      # a RunningApp on a free port of 127.0.0.1
-    app.studio.pipeline.runs            # the frames each run handed to on_frames, before encoding
+    app.studio.pipeline.runs            # the frames each run yielded, before encoding
     app.studio.pipeline.hold()          # keep runs going at their steps until release()
 
 Gradio keeps its files in GRADIO_TEMP_DIR, one value per process: serve one app at a time.
@@ -26,7 +26,7 @@ PROMPT = "A red fox trots through fresh snow at dawn"
 
 
 class WatchedPipeline:
-    """A :class:`VideoPipeline` that records each run: the frames it hands to ``on_frames`` (float, before the app
+    """A :class:`VideoPipeline` that records each run: the frames its stream yields (float, before the app
     encodes them) and when it started and ended; and that can hold runs at their steps until released."""
 
     def __init__(self, pipeline: VideoPipeline):
@@ -49,7 +49,7 @@ class WatchedPipeline:
         self._hold = False
         self._release.set()
 
-    def __call__(self, *args, on_frames, callback, **kwargs):
+    def stream(self, *args, callback, **kwargs):
         frames: List[torch.Tensor] = []
         self.runs.append(frames)
         self.times.append([time.monotonic()])
@@ -60,13 +60,10 @@ class WatchedPipeline:
                 self.holding.set()
                 self._release.wait(0.05)
 
-        def record(piece: torch.Tensor) -> None:
+        for piece in self.pipeline.stream(*args, callback=step, **kwargs):
             frames.append(piece.clone())
-            on_frames(piece)
-
-        result = self.pipeline(*args, on_frames=record, callback=step, **kwargs)
+            yield piece
         self.times[-1].append(time.monotonic())
-        return result
 
 
 def free_port() -> int:
