@@ -32,6 +32,7 @@ class WatchedPipeline:
     def __init__(self, pipeline: VideoPipeline):
         self.pipeline = pipeline
         self.runs: List[List[torch.Tensor]] = []
+        self.arguments: List[dict] = []  # the keyword arguments of each run
         self.times: List[List[float]] = []  # [start, end] of each run (end missing while it runs or if it stopped)
         self.holding = threading.Event()  # a run waits at a step
         self._hold = False
@@ -52,6 +53,7 @@ class WatchedPipeline:
     def stream(self, *args, callback, **kwargs):
         frames: List[torch.Tensor] = []
         self.runs.append(frames)
+        self.arguments.append(kwargs)
         self.times.append([time.monotonic()])
 
         def step(*report) -> None:

@@ -24,10 +24,11 @@ import pytest
 import torch
 
 from anyflow.app.settings import (
-    MAX_IMAGE_BYTES, Preset, far_chunks, fitting_presets, frames_for, make_choices, parse_seed, read_image,
+    FAR_MAX_FRAMES, MAX_IMAGE_BYTES, Preset, chunks_for, far_window, fitting_presets, frames_for, make_choices,
+    parse_seed, read_image,
 )
 from anyflow.app.server import bind_warning
-from anyflow.app.video import encode_segment
+from anyflow.app.video import GrowingVideo, encode_segment
 from anyflow.cli import main
 from anyflow.model.config import RELEASED_CHUNK_PARTITION
 from app_fixtures import PROMPT, comment, decoded, free_port, serve_app
@@ -90,10 +91,21 @@ def test_length_in_seconds_rounds_to_4k_plus_1_frames():
     assert frames_for(0.1, "seconds", 81) == 1 and frames_for(17, "frames", 81) == 17
 
 
-def test_far_chunks_keep_the_checkpoints_and_extend_it_by_its_chunk_size():
-    assert far_chunks(RELEASED_CHUNK_PARTITION, 21) == RELEASED_CHUNK_PARTITION
-    assert far_chunks(RELEASED_CHUNK_PARTITION, 9) == (1, 3, 3, 2)
-    assert far_chunks((1, 2, 2), 9) == (1, 2, 2, 2, 2) and far_chunks((1, 2, 2), 1) == (1,)
+def test_far_runs_any_length_in_the_checkpoints_chunks_with_a_bounded_window():
+    from anyflow import AnyFlowConfig, AnyFlowFARConfig
+
+    far = AnyFlowFARConfig(num_attention_heads=2, attention_head_dim=16, num_layers=1,
+                           chunk_partition=RELEASED_CHUNK_PARTITION)
+    choices = make_choices("m", far, fitting_presets(far), on_gpu=True)
+    assert chunks_for(choices, 81) == RELEASED_CHUNK_PARTITION and chunks_for(choices, 33) == (1, 3, 3, 2)
+    assert chunks_for(choices, 1921) == far.chunk_partition_for(481) == (1,) + (3,) * 160
+    assert choices.max_frames == FAR_MAX_FRAMES == 1921 and frames_for(120, "seconds", choices.max_frames) == 1921
+    assert "1921 frames (120 s)" in choices.note and "past 81 frames" in choices.note
+    assert far_window(chunks_for(choices, 1921)) == (12, 1) and far_window(None) == (None, 0)
+    assert far_window((1, 16, 16)) == (16, 1)  # the window holds a whole chunk
+    bidirectional = AnyFlowConfig(num_attention_heads=2, attention_head_dim=16, num_layers=1)
+    plain = make_choices("m", bidirectional, fitting_presets(bidirectional), on_gpu=True)
+    assert plain.max_frames == 81 and chunks_for(plain, 81) is None and plain.note == ""
 
 
 def test_presets_snap_to_the_pixel_grid_and_cpu_defaults_are_small(snapshots):
@@ -105,7 +117,23 @@ def test_presets_snap_to_the_pixel_grid_and_cpu_defaults_are_small(snapshots):
     assert Preset("240p", 416, 224) in presets  # 240 is off the FAR grid of 32
     cpu, gpu = make_choices("m", far, presets, on_gpu=False), make_choices("m", far, presets, on_gpu=True)
     assert (cpu.default_preset.name, cpu.default_frames) == ("240p", 33) and "CPU" in cpu.note
-    assert (gpu.default_preset.name, gpu.default_frames, gpu.note) == ("480p", 81, "")
+    assert (gpu.default_preset.name, gpu.default_frames) == ("480p", 81) and "CPU" not in gpu.note
+
+
+def test_a_growing_video_keeps_two_joins_on_disk_and_every_frame(tmp_path):
+    video = GrowingVideo(str(tmp_path), 16, "clip")
+    pieces = [np.full((n, 32, 32, 3), 40 * i, dtype=np.uint8) for i, n in enumerate((1, 4, 4, 4, 4))]
+    made = 0
+    for piece in pieces:
+        shown = video.append(piece)
+        made += len(piece)
+        assert len(decoded(shown)) == made  # every frame so far, playable after each piece
+    assert sorted(p.name for p in tmp_path.glob("clip*.mp4")) == ["clip-4.mp4", "clip-5.mp4"]
+    final = video.finish({"seed": 1})
+    frames = decoded(final)
+    assert len(frames) == 17 and json.loads(comment(final)) == {"seed": 1}
+    means = [frames[k].mean() for k in (0, 1, 16)]  # the pieces in order; flat greys through yuv420p, crf 18
+    assert all(abs(mean - grey) <= 2 for mean, grey in zip(means, (0, 40, 160))), means
 
 
 def test_random_seeds_stay_exact_in_a_browser():
@@ -159,10 +187,12 @@ def test_far_streams_each_chunk_and_equals_the_pipeline(served, tmp_path):
     shown = [out[0] for out in job.outputs() if isinstance(out[0], str)]
     raw = app.studio.pipeline.runs[-1]
 
-    assert record["chunks"] == [1, 2, 2, 2, 2]
+    assert record["chunks"] == [1, 2, 2, 2, 2] and (record["context_window"], record["sink_frames"]) == (12, 1)
     assert [piece.shape[1] for piece in raw] == [1, 8, 8, 8, 8]  # each chunk decoded on its own, in order
+    arguments = app.studio.pipeline.arguments[-1]
+    assert (arguments["context_window"], arguments["sink_frames"]) == (12, 1)
     expected = app.studio.pipeline.pipeline(PROMPT, num_frames=33, height=64, width=64, num_steps=2, seed=7,
-                                            chunk_partition=(1, 2, 2, 2, 2))
+                                            chunk_partition=(1, 2, 2, 2, 2))  # unbounded: a window never filled
     assert torch.equal(torch.cat(raw, dim=1), expected)
     pieces, start = [], 0
     for i, piece in enumerate(raw):  # what the app's encoder makes of the pipeline's own frames, chunk by chunk

@@ -9,6 +9,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .settings import far_window
+
 TEXT_TOKENS = 512  # the pipelines pad every prompt to 512 tokens
 
 
@@ -37,7 +39,7 @@ class Estimates:
 
         sampling = estimate_sampling_run(self.checkpoint, self._noise_shape(frames, height, width), TEXT_TOKENS,
                                          tuple(chunks) if chunks else None, guided, self.device, self.dtype,
-                                         self.options.weight_dtype, self.options.offload)
+                                         self.options.weight_dtype, self.options.offload, *far_window(chunks))
         return estimate_generation_memory(sampling, **self.components, height=height, width=width)
 
     def available(self) -> Optional[int]:
@@ -53,7 +55,8 @@ class Estimates:
 
         shape = self._noise_shape(frames, height, width)
         if self.far:
-            compute = estimate_far_sampling_compute(self.config, shape, TEXT_TOKENS, steps, chunks, given_latent_frames)
+            compute = estimate_far_sampling_compute(self.config, shape, TEXT_TOKENS, steps, chunks, given_latent_frames,
+                                                    *far_window(chunks))
         else:
             compute = estimate_sampling_compute(self.config, shape, TEXT_TOKENS, steps, guided)
         return compute.flops / self.rate

@@ -37,6 +37,7 @@ def render(pipeline, settings: Settings, folder: str, progress: Progress, show: 
                                   num_frames=settings.frames, height=settings.height, width=settings.width,
                                   num_steps=settings.steps, seed=settings.seed, guidance_scale=settings.guidance_scale,
                                   image=settings.image, chunk_partition=settings.chunks,
+                                  context_window=settings.context_window, sink_frames=settings.sink_frames,
                                   callback=lambda chunk, step, t: progress.step(chunk)):
         on_frames(frames)  # nothing of the video is kept here: each piece goes to disk as it comes
     return video.finish(record)

@@ -7,8 +7,9 @@ the page offers for the snapshot and device at hand: size presets on the model's
 length limit, the defaults.
 
 Length is a number of frames (4k + 1, at :data:`FPS` frames per second) or of seconds; the FAR model
-makes it in chunks (:func:`far_chunks`). The long-video controls (window, sink, prompt schedule) will
-join ``length`` here when the sampler has them.
+makes it in chunks, the checkpoint's extended by its own rule (:func:`chunks_for`), and keeps a
+bounded context (:func:`far_window`: 12 latent frames and a sink of 1, which changes no bit within
+the released models' 81 frames), so a FAR video may run to :data:`FAR_MAX_FRAMES` with flat memory.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from anyflow.runtime.video_shape import VAE_SPACE_STRIDE, VAE_TIME_STRIDE, check
 FPS = 16  # Wan's frame rate
 MAX_STEPS = 1000  # the models' timestep grid
 STEP_CHOICES = (1, 2, 4, 8)
-MAX_FRAMES = 81  # the length the released checkpoints were trained for (5 s)
+MAX_FRAMES = 81  # the length the released checkpoints were trained for (5 s): the bidirectional models' limit
+FAR_MAX_FRAMES = 1921  # 2 minutes; with the window below, a FAR run's memory is the same at any length
+CONTEXT_WINDOW, SINK_FRAMES = 12, 1  # the 13 compressed frames the released FAR models saw at most in training
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 to 2^64 - 1
 RANDOM_SEED_LIMIT = 2**53  # random seeds stay exact in a browser's numbers
 LENGTH_UNITS = ("seconds", "frames")
@@ -54,6 +57,8 @@ class Settings:
     height: int
     chunks: Optional[Tuple[int, ...]] = None  # FAR: latent frames per chunk
     image: Optional[np.ndarray] = field(default=None, repr=False, compare=False)  # (H, W, 3) uint8, the first frame
+    context_window: Optional[int] = None  # FAR: latent frames of compressed context kept (far_window)
+    sink_frames: int = 0  # FAR: the first latent frames kept besides
 
     @property
     def guided(self) -> bool:
@@ -96,7 +101,7 @@ class Choices:
     presets: Tuple[Preset, ...]
     default_preset: Preset
     default_frames: int
-    chunk_partition: Optional[Tuple[int, ...]]  # the checkpoint's (FAR)
+    far_config: Optional[object]  # the FAR checkpoint's config (its chunk rule), None for a bidirectional one
     note: str  # what the page says about the device and its defaults
 
 
@@ -128,13 +133,19 @@ def make_choices(model: str, config, presets: Sequence[Preset], on_gpu: bool) ->
     by_name = {p.name: p for p in presets}
     wanted = GPU_DEFAULT if on_gpu else SMALL_DEFAULT
     default = by_name.get(wanted, presets[0] if on_gpu else min(presets, key=lambda p: p.width * p.height))
-    max_frames = min(MAX_FRAMES, VAE_TIME_STRIDE * (config.rope_max_seq_len - 1) + 1)
+    far = hasattr(config, "chunk_partition")
+    # a FAR run re-bases its positions past the RoPE table; a bidirectional one sees every frame at once
+    max_frames = FAR_MAX_FRAMES if far else min(MAX_FRAMES, VAE_TIME_STRIDE * (config.rope_max_seq_len - 1) + 1)
     default_frames = min(max_frames, MAX_FRAMES if on_gpu else 2 * FPS + 1)
-    note = ("" if on_gpu else f"Running on the CPU: the default size is {default.label} and the default length "
-            f"{default_frames} frames; larger and longer videos take far longer here.")
-    partition = tuple(config.chunk_partition) if hasattr(config, "chunk_partition") else None
-    return Choices(model, partition is not None, pixel_multiple(config), max_frames, tuple(presets), default,
-                   default_frames, partition, note)
+    notes = [] if on_gpu else [f"Running on the CPU: the default size is {default.label} and the default length "
+                               f"{default_frames} frames; larger and longer videos take far longer here."]
+    if far:
+        trained = VAE_TIME_STRIDE * (config.trained_frames - 1) + 1
+        notes.append(f"Videos up to {max_frames} frames ({(max_frames - 1) / FPS:g} s): the model keeps the last "
+                     f"{CONTEXT_WINDOW} latent frames of context and the first {SINK_FRAMES}, so memory stays the "
+                     f"same at any length; past {trained} frames it runs longer than it was trained for.")
+    return Choices(model, far, pixel_multiple(config), max_frames, tuple(presets), default, default_frames,
+                   config if far else None, " ".join(notes))
 
 
 def frames_for(length, unit: str, max_frames: int) -> int:
@@ -157,23 +168,20 @@ def frames_for(length, unit: str, max_frames: int) -> int:
     return int(value)
 
 
-def far_chunks(partition: Sequence[int], latent_frames: int) -> Tuple[int, ...]:
-    """The chunks (latent frames each) a FAR model makes ``latent_frames`` in: the checkpoint's ``partition`` when
-    it fits, else its first chunk, then chunks of its largest later size, the remainder last."""
-    if sum(partition) == latent_frames:
-        return tuple(partition)
-    first = min(partition[0], latent_frames)
-    size = max(partition[1:], default=partition[0])
-    chunks, left = [first], latent_frames - first
-    while left > 0:
-        chunks.append(min(size, left))
-        left -= chunks[-1]
-    return tuple(chunks)
-
-
 def chunks_for(choices: Choices, frames: int) -> Optional[Tuple[int, ...]]:
-    """The chunks a FAR model makes ``frames`` video frames in (None for a bidirectional model)."""
-    return far_chunks(choices.chunk_partition, (frames - 1) // VAE_TIME_STRIDE + 1) if choices.far else None
+    """The chunks a FAR model makes ``frames`` video frames in, by the checkpoint's own rule (None for a
+    bidirectional model)."""
+    if not choices.far:
+        return None
+    return choices.far_config.chunk_partition_for((frames - 1) // VAE_TIME_STRIDE + 1)
+
+
+def far_window(chunks: Optional[Sequence[int]]) -> Tuple[Optional[int], int]:
+    """``(context_window, sink_frames)`` of a FAR run in ``chunks``: :data:`CONTEXT_WINDOW` (or the largest chunk,
+    which must fit) and :data:`SINK_FRAMES`; ``(None, 0)`` for a bidirectional run."""
+    if not chunks:
+        return None, 0
+    return max(CONTEXT_WINDOW, max(chunks)), SINK_FRAMES
 
 
 def check_settings(choices: Choices, config, prompt, negative_prompt, steps, seed, guidance_scale, length,
@@ -206,7 +214,9 @@ def check_settings(choices: Choices, config, prompt, negative_prompt, steps, see
             raise ValueError(f"Length: {frames} frame(s) hold only the image; give at least "
                              f"{VAE_TIME_STRIDE * chunks[0] + 1} frames")
         image = read_image(image_path, width, height)
-    return Settings(prompt, negative_prompt, steps, seed, guidance_scale, frames, width, height, chunks, image)
+    window, sink = far_window(chunks)
+    return Settings(prompt, negative_prompt, steps, seed, guidance_scale, frames, width, height, chunks, image, window,
+                    sink)
 
 
 def parse_steps(value) -> int:

@@ -24,7 +24,8 @@ ENCODER_OPTIONS = {"crf": "18", "bf": "0"}  # visually lossless; no B-frames, so
 class GrowingVideo:
     """Frames appended piece by piece; after each, a new mp4 file in ``folder`` holds every frame so far.
 
-    ``name`` is the final file's stem (``name.mp4``); the intermediate ones are ``name-1.mp4``, ``name-2.mp4``...
+    ``name`` is the final file's stem (``name.mp4``); the intermediate ones are ``name-1.mp4``, ``name-2.mp4``...,
+    of which the last two are kept.
     """
 
     def __init__(self, folder: str, fps: float, name: str):
@@ -38,6 +39,11 @@ class GrowingVideo:
         self._segments.append(segment)
         path = os.path.join(self.folder, f"{self.name}-{len(self._segments)}.mp4")
         join_segments(self._segments, path)
+        # the page now plays this one, or is still loading the one before: older joins go, so that a long
+        # video keeps two of them on disk, not one per piece
+        older = os.path.join(self.folder, f"{self.name}-{len(self._segments) - 2}.mp4")
+        if os.path.exists(older):
+            os.remove(older)
         return path
 
     def finish(self, settings: dict) -> str:
