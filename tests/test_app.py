@@ -1,9 +1,10 @@
 """``anyflow app`` through its HTTP client (gradio_client), on tiny complete snapshots.
 
 The server runs in this process, so a run's frames are checked twice: the float frames the pipeline handed
-to the job (before any encoding) equal ``VideoPipeline``'s for the same seed exactly (the same computation
-in the same process), and the mp4 the page serves decodes to exactly what the app's encoder makes of
-``VideoPipeline``'s frames (H.264 is lossy, 20+ levels on these random-weight frames, but deterministic).
+to the job (before any encoding) equal ``VideoPipeline``'s for the same seed within float32 rounding (the
+same computation, but on the job's thread, whose OpenMP team may split reductions otherwise: 1e-5 on
+frames in [0, 1], the float32 bar), and the mp4 the page serves decodes to exactly what the app's encoder
+makes of those frames (H.264 is lossy, 20+ levels on these random-weight frames, but deterministic).
 """
 
 from __future__ import annotations
@@ -160,8 +161,14 @@ def test_uploads_are_checked_for_size_type_and_pixels(tmp_path):
     assert fitted.shape == (64, 64, 3) and 90 < fitted[:, 32].mean() < 110
 
 
+def assert_same_frames(job_frames: torch.Tensor, expected: torch.Tensor) -> None:
+    """The frames a job made on its thread against ``VideoPipeline`` called here: float32 rounding apart."""
+    torch.testing.assert_close(job_frames, expected, rtol=0, atol=1e-5)
+
+
 # ---- runs through the client -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.timeout(SERVER_TIMEOUT)
 def test_bidirectional_video_equals_the_pipelines_with_guidance(served, tmp_path):
     app = served(False)
@@ -171,14 +178,15 @@ def test_bidirectional_video_equals_the_pipelines_with_guidance(served, tmp_path
 
     expected = app.studio.pipeline.pipeline(PROMPT, negative_prompt=run["negative_prompt"], guidance_scale=3.0,
                                             num_frames=17, height=64, width=64, num_steps=2, seed=7)
-    assert torch.equal(raw, expected)
+    assert_same_frames(raw, expected)
     reference = tmp_path / "reference.mp4"
-    encode_segment(str(reference), (expected[0] * 255).round().to(torch.uint8).numpy(), 16)
+    encode_segment(str(reference), (raw[0] * 255).round().to(torch.uint8).numpy(), 16)
     assert np.array_equal(decoded(video), decoded(str(reference)))
     assert status.startswith("Done: 17 frames of 64 x 64") and record["seed"] == 7 and record["steps"] == 2
     assert json.loads(comment(video)) == record  # the settings travel in the download
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(SERVER_TIMEOUT)
 def test_far_streams_each_chunk_and_equals_the_pipeline(served, tmp_path):
     app = served(True)
@@ -193,13 +201,12 @@ def test_far_streams_each_chunk_and_equals_the_pipeline(served, tmp_path):
     assert (arguments["context_window"], arguments["sink_frames"]) == (12, 1)
     expected = app.studio.pipeline.pipeline(PROMPT, num_frames=33, height=64, width=64, num_steps=2, seed=7,
                                             chunk_partition=(1, 2, 2, 2, 2))  # unbounded: a window never filled
-    assert torch.equal(torch.cat(raw, dim=1), expected)
-    pieces, start = [], 0
+    assert_same_frames(torch.cat(raw, dim=1), expected)
+    pieces = []
     for i, piece in enumerate(raw):  # what the app's encoder makes of the pipeline's own frames, chunk by chunk
         path = tmp_path / f"expected-{i}.mp4"
-        encode_segment(str(path), (expected[0, start:start + piece.shape[1]] * 255).round().to(torch.uint8).numpy(), 16)
+        encode_segment(str(path), (piece[0] * 255).round().to(torch.uint8).numpy(), 16)
         pieces.append(decoded(str(path)))
-        start += piece.shape[1]
     whole = np.concatenate(pieces)
     assert np.array_equal(decoded(video), whole)
     # the page got a playable video after every chunk, each holding every frame made so far
@@ -209,6 +216,7 @@ def test_far_streams_each_chunk_and_equals_the_pipeline(served, tmp_path):
         assert np.array_equal(frames, whole[:len(frames)])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(SERVER_TIMEOUT)
 def test_far_image_to_video_starts_with_the_image(served, tmp_path):
     from PIL import Image
@@ -221,7 +229,7 @@ def test_far_image_to_video_starts_with_the_image(served, tmp_path):
     raw = torch.cat(app.studio.pipeline.runs[-1], dim=1)
     expected = app.studio.pipeline.pipeline(PROMPT, num_frames=17, height=64, width=64, num_steps=2, seed=7,
                                             image=image, chunk_partition=(1, 2, 2))
-    assert torch.equal(raw, expected)
+    assert_same_frames(raw, expected)
 
 
 @pytest.mark.timeout(SERVER_TIMEOUT)
@@ -242,6 +250,7 @@ def test_one_run_at_a_time_the_second_client_waits_in_the_queue(served, tmp_path
     assert first_ended <= second_started  # the device ran them one after the other
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(SERVER_TIMEOUT)
 def test_cancel_stops_only_that_run_and_leaves_nothing(served, tmp_path):
     app = served(True)
@@ -393,6 +402,7 @@ def test_a_public_host_prints_a_warning():
     assert bind_warning("0.0.0.0").startswith("warning: --host 0.0.0.0 serves the page to every machine")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(SERVER_TIMEOUT)
 def test_the_command_serves_until_interrupted_and_removes_its_files(snapshots):
     port = free_port()

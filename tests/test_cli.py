@@ -54,6 +54,7 @@ def test_demo_passes_and_makes_a_video(tmp_path, capsys):
     assert read_frames(str(made)).shape == (17, 128, 128, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 def test_golden_values_are_the_oracles():
     """The stored outputs are what diffusers computes on the stored weights (so the demo checks something real).
@@ -248,6 +249,7 @@ def interrupted_run(cwd, code: str, ready, signum):
     return process.returncode, err.strip().splitlines()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_sample_interrupted_says_one_line_and_leaves_nothing(tmp_path, embeddings, signum, code):
     slow = (
@@ -308,6 +310,7 @@ FAR_ARGS = ["sample", "--model", TINY_FAR_CHECKPOINT, "--frames", "25", "--heigh
             "--steps", "2", "--seed", "5", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_sample_on_a_far_checkpoint_goes_chunk_by_chunk(tmp_path, embeddings, capsys):
     image = torch.randn(1, 16, 1, 16, 32, generator=torch.Generator().manual_seed(6))  # (B, C, K, H, W)
     save_file({"latents": image}, str(tmp_path / "image.safetensors"))

@@ -49,6 +49,7 @@ def listing(folder):
     return sorted(os.listdir(folder))
 
 
+@pytest.mark.slow
 def test_hub_snapshot_converts_and_matches_the_oracle(hub, tmp_path, capsys):
     root, oracle = hub
     assert len([f for f in os.listdir(root / "transformer") if f.endswith(".safetensors")]) > 1
@@ -481,6 +482,7 @@ def start_slow_conversion(root, out, *args, **popen) -> subprocess.Popen:
     return process
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupted_conversion_says_one_line_and_leaves_nothing(hub, tmp_path, signum, code):
     root, _ = hub

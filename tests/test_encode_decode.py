@@ -53,6 +53,7 @@ def umask_mode() -> int:
     return 0o644 & ~mask
 
 
+@pytest.mark.slow
 def test_encode_then_decode_write_their_files_whole_with_the_umask(snapshot, latents, tmp_path, capsys):
     from anyflow.pipeline.video_io import read_frames
 
@@ -72,6 +73,7 @@ def test_encode_then_decode_write_their_files_whole_with_the_umask(snapshot, lat
     assert sorted(os.listdir(tmp_path)) == ["embeds.safetensors", "latents.safetensors", "video.mp4"]  # no partial
 
 
+@pytest.mark.slow
 def test_an_embeddings_file_given_as_latents_is_one_line_naming_the_file_and_its_keys(snapshot, tmp_path):
     embeds, video = tmp_path / "embeds.safetensors", tmp_path / "video.mp4"
     save_file({"prompt_embeds": torch.zeros(1, 512, 32), "negative_prompt_embeds": torch.zeros(1, 512, 32)}, embeds)
@@ -156,6 +158,7 @@ def test_bad_encode_outputs_are_refused_before_any_work(snapshot, tmp_path, caps
     assert (tmp_path / "existing.safetensors").read_bytes() == b"kept"
 
 
+@pytest.mark.slow
 def test_an_existing_video_is_kept_without_force_and_replaced_whole_with_it(snapshot, latents, tmp_path, capsys,
                                                                             monkeypatch):
     from anyflow.vae import WanVAE

@@ -93,6 +93,7 @@ def test_rollout_equals_the_oracle(case, clean):
     assert error(out, expected) <= FP32_BAR
 
 
+@pytest.mark.slow
 def test_rollout_bf16_is_no_worse_than_the_oracles_bf16(tmp_path):
     Oracle = require_oracle("AnyFlowFARTransformer3DModel")
     config = far_config(num_attention_heads=2, attention_head_dim=64, ffn_dim=96)
@@ -180,6 +181,7 @@ def sampler_case(case, height, width):
     return oracle, noise, text, partition, frames, pipe_kwargs, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(SAMPLES))
 def test_sampler_equals_the_pipeline_where_it_pads_nothing(case):
     """16 x 32 latents: 128 tokens a frame, so every chunk is a multiple of 128 tokens and diffusers pads nothing."""
@@ -191,6 +193,7 @@ def test_sampler_equals_the_pipeline_where_it_pads_nothing(case):
         assert torch.equal(out[:, :given.shape[1]], given)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["2_steps", "image_to_video", "video_continuation"])
 def test_sampler_equals_the_pipeline_without_its_padding(case):
     """8 x 8 latents: 16 tokens a frame. Diffusers' cached step pads to 128 tokens and its zero keys
@@ -205,6 +208,7 @@ def test_sampler_equals_the_pipeline_without_its_padding(case):
 
 # ---- the cache ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("limit", [1, 2, 3])
 def test_incremental_cache_equals_the_full_reencode_and_holds_what_is_needed(limit):
     config = far_config(full_chunk_limit=limit, chunk_partition=(1, 2, 1, 2, 2, 1))

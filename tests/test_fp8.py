@@ -226,6 +226,7 @@ def test_error_is_within_the_bar_of_plain_per_row_quantisation(case, seed):
         assert relative_l2(out, exact) <= BAR * plain_error
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 @pytest.mark.parametrize("seed", [0, 1])
 def test_far_rollout_error_is_within_the_bar(seed):

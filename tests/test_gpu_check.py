@@ -32,6 +32,7 @@ def test_the_gpu_check_runs_on_the_cpu_and_writes_every_section(tmp_path):
     assert "0 failure(s)" in done.stdout
 
 
+@pytest.mark.slow
 def test_the_gpu_check_refuses_cuda_without_a_gpu():
     import torch
 
@@ -51,6 +52,7 @@ WITHOUT_DIFFUSERS = (
 )
 
 
+@pytest.mark.slow
 def test_without_diffusers_the_gpu_check_says_it_needs_the_test_extra(tmp_path):
     work, out = tmp_path / "work", tmp_path / "GPU.md"
     done = subprocess.run([sys.executable, "-c", WITHOUT_DIFFUSERS, os.path.join(ROOT, "scripts", "gpu_check.py"),

@@ -102,6 +102,7 @@ class CountingBackend:
         return graph_module.forward
 
 
+@pytest.mark.slow
 def test_a_compiled_model_makes_one_graph_for_every_timestep():
     import torch._dynamo
 
@@ -118,6 +119,7 @@ def test_a_compiled_model_makes_one_graph_for_every_timestep():
     assert backend.graphs == 1  # 12 steps, 12 different (t, r): one graph
 
 
+@pytest.mark.slow
 def test_python_numbers_as_timesteps_compile_no_graph_per_value():
     """The checks of a number timestep stay out of the traced path (no guard on its value): dynamo's default
     compiles once with the number static, once more with it dynamic (its automatic-dynamic policy, as for
@@ -141,6 +143,7 @@ def test_python_numbers_as_timesteps_compile_no_graph_per_value():
         assert counts == expected and counts[1] <= 2, (options, counts)
 
 
+@pytest.mark.slow
 def test_regional_compilation_shares_one_graph_over_blocks_and_steps():
     import torch._dynamo
 

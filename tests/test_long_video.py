@@ -129,6 +129,7 @@ def reference_sample(model, noise, text, partition, num_steps, window=None, sink
     return latents
 
 
+@pytest.mark.slow
 def test_the_reference_is_the_unbounded_sampler():
     """The masked reference itself, without a window, against sample_far as the authors' model runs."""
     model = far_model(1)
@@ -147,6 +148,7 @@ WINDOWS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(WINDOWS))
 def test_a_windowed_cache_equals_the_masked_reference(case):
     overrides, partition, window, sink = WINDOWS[case]
@@ -179,6 +181,7 @@ def sample_far_as_it_was(model, noise, text, num_steps, partition):
     return latents
 
 
+@pytest.mark.slow
 def test_unbounded_is_the_sampler_as_it_was_and_a_window_never_filled_changes_no_bit():
     """The same computation in the same thread: bit for bit."""
     model = far_model(3)
@@ -191,6 +194,7 @@ def test_unbounded_is_the_sampler_as_it_was_and_a_window_never_filled_changes_no
                                              sink_frames=1))
 
 
+@pytest.mark.slow
 def test_chunks_come_out_as_made_and_sample_far_is_their_whole():
     model = far_model(4)
     noise, text = draw(1, 9, 4, 8, 8, seed=7), draw(1, 5, 24, seed=8)
@@ -213,6 +217,7 @@ def test_the_checkpoints_chunks_extend_by_their_own_rule():
     assert AnyFlowFARConfig(chunk_partition=(1, 1, 2)).chunk_partition_for(6) == (1, 2, 2, 1)  # a tie: the larger
 
 
+@pytest.mark.slow
 def test_a_run_past_the_trained_frames_warns_once():
     model = far_model(5)
     noise, text = draw(1, 9, 4, 8, 8, seed=9), draw(1, 5, 24, seed=10)
@@ -240,6 +245,7 @@ def test_seeded_noise_chunk_by_chunk_is_the_whole_draw():
 
 # ---- flat memory ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_memory_is_the_caches_bound_at_any_length_and_chunks_are_let_go():
     """The cache's allocated bytes are the same at four lengths once the window is full, in storage allocated
     once; the sampler lets go of every chunk the cache no longer needs."""
@@ -283,6 +289,7 @@ def with_table(model, table: int):
     return other.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window,sink", [(3, 0), (3, 1), (None, 0)], ids=["window", "window_and_sink", "unbounded"])
 def test_rebased_positions_equal_absolute_ones(window, sink):
     """A table of 12 positions makes the cache re-base several times over 40 frames; the table of 1024 holds them
@@ -305,6 +312,7 @@ def test_rebased_positions_equal_absolute_ones(window, sink):
     assert error(rebased, absolute) <= FP32_BAR
 
 
+@pytest.mark.slow
 def test_a_step_after_a_rebase_sees_the_same_attention():
     """At the level of one step: a cache whose positions were re-based gives the velocity of one that was not."""
     model = far_model(8)
@@ -345,6 +353,7 @@ def windowed_cache(model, latents, partition, chunks, text, window):
     return cache
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sink", [0, 1])
 def test_a_prompt_switch_equals_a_fresh_encode_under_the_new_prompt(sink):
     """The cache encoded again under the new text: the next step equals the masked reference over the frames the
@@ -378,6 +387,7 @@ def test_a_prompt_switch_equals_a_fresh_encode_under_the_new_prompt(sink):
             assert error(model.step(chunk, t, r, new, fresh), expected) <= FP32_BAR
 
 
+@pytest.mark.slow
 def test_a_prompt_schedule_changes_the_video_from_its_chunk_on():
     model = far_model(11)
     noise, old, new = draw(1, 12, 4, 8, 8, seed=23), draw(1, 5, 24, seed=24), draw(1, 5, 24, seed=25)
@@ -433,6 +443,7 @@ def snapshot(tmp_path_factory):
     return make_tiny_snapshot(tmp_path_factory.mktemp("far") / "snapshot", far=True)
 
 
+@pytest.mark.slow
 def test_the_pipeline_streams_a_long_video_with_a_prompt_schedule(snapshot):
     from anyflow import VideoPipeline
 
@@ -450,6 +461,7 @@ def test_the_pipeline_streams_a_long_video_with_a_prompt_schedule(snapshot):
     assert error(scheduled[:, start:], plain[:, start:]) > 1e-3  # (a tiny random text encoder: a small change)
 
 
+@pytest.mark.slow
 def test_generate_writes_a_long_video_chunk_by_chunk(snapshot, tmp_path, capsys):
     from safetensors.torch import load_file
 

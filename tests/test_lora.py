@@ -136,6 +136,7 @@ PEFT_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 @pytest.mark.parametrize("case", sorted(PEFT_CASES))
 def test_peft_adapter_equals_diffusers(oracle_cls, tmp_path, case):
@@ -191,6 +192,7 @@ def test_wan_adapter_equals_diffusers(oracle_cls, tmp_path, naming):
     assert merged_error(oracle, ours, unmerged, config, seed=1) <= FP32_BAR
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 def test_musubi_adapter_equals_diffusers(oracle_cls, tmp_path):
     config = small_config()
@@ -225,6 +227,7 @@ def test_stacked_adapters_of_two_formats_equal_diffusers(oracle_cls, tmp_path):
     assert merged_error(oracle, ours, unmerged, config, seed=2) <= FP32_BAR
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 def test_far_model_and_pipeline_with_an_adapter_equal_diffusers(tmp_path):
     from test_far import pipeline_latents

@@ -205,6 +205,7 @@ def test_the_pipeline_names_its_inputs(tmp_path):
         pipe.decode(torch.zeros(1, 4, 3, 4, 4))  # a file's (B, C, F, h, w), not transposed
 
 
+@pytest.mark.slow
 @needs_video
 def test_generate_makes_a_video_per_prompt_and_seed_with_the_model_loaded_once(tmp_path, capsys):
     from anyflow import VideoPipeline
@@ -227,6 +228,7 @@ def test_generate_makes_a_video_per_prompt_and_seed_with_the_model_loaded_once(t
         assert written.shape == expected.shape and abs(written.astype(int) - expected.astype(int)).max() <= 1, name
 
 
+@pytest.mark.slow
 @needs_video
 def test_vae_tiling_from_the_command_and_the_pipeline_is_the_vaes(tmp_path, capsys):
     from anyflow import VideoPipeline

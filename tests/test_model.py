@@ -66,6 +66,7 @@ def test_per_frame_timesteps_matter(model):
     assert not torch.equal(base, changed)
 
 
+@pytest.mark.slow
 def test_backward_and_gradient_checkpointing_give_the_same_gradients(model):
     latents, t, r, text, _ = random_inputs(model.config)
     model.train()
@@ -101,6 +102,7 @@ def test_patch_embed_is_the_conv3d_and_unpatchify_inverts_the_layout():
         assert torch.equal(unpatchify(tokens, grid, patch), latents)
 
 
+@pytest.mark.slow
 def test_library_imports_and_runs_without_diffusers():
     code = (
         "import sys; sys.modules['diffusers'] = None\n"

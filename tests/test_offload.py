@@ -89,6 +89,7 @@ def test_far_forward_with_clean_copies_equals_the_plain_models(far):
             assert_same(ours(latents, t, r, text, **kwargs).sample, far(latents, t, r, text, **kwargs).sample)
 
 
+@pytest.mark.slow
 def test_far_encode_cache_and_step_equal_the_plain_models(far):
     gen = torch.Generator().manual_seed(5)
     latents = torch.randn(1, 6, 4, 8, 8, generator=gen)
@@ -109,6 +110,7 @@ def test_far_encode_cache_and_step_equal_the_plain_models(far):
         assert_same(ours.step(chunk[:, :1], 800.0, 0.0, text, None), far.step(chunk[:, :1], 800.0, 0.0, text, None))
 
 
+@pytest.mark.slow
 def test_the_samplers_on_the_tiny_checkpoints_equal_the_plain_models():
     gen = torch.Generator().manual_seed(6)
     text = torch.randn(1, 6, 4096, generator=gen)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -61,6 +62,7 @@ def test_convert_removes_the_partial_of_an_out_since_renamed(tmp_path):
     assert set(os.listdir(tmp_path)) == {"renamed"} | kept
 
 
+@pytest.mark.slow
 def test_the_trainer_removes_a_dead_runs_step_and_adapter_partials(tmp_path):
     tiny_checkpoint(tmp_path / "model")
     tiny_data(tmp_path / "data")

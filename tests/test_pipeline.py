@@ -45,6 +45,7 @@ def noise_for(far: bool, seed: int = 3) -> torch.Tensor:
     return torch.randn(1, (frames - 1) // 4 + 1, 4, height // 8, width // 8, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.slow
 def test_encode_and_decode_invert_the_layouts_and_bound_the_values(snapshots):
     pipe = VideoPipeline.from_pretrained(snapshots[False])
     latents = torch.randn(2, 3, 4, 4, 6, generator=torch.Generator().manual_seed(0))
@@ -77,6 +78,7 @@ def test_frames_equal_diffusers_pipeline(snapshots, far, given):
     assert (result - expected).abs().max().item() <= FRAMES_BAR
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 def test_guided_frames_with_a_negative_prompt_equal_diffusers_pipeline(snapshots):
     pipeline_class = require_oracle("AnyFlowPipeline")
@@ -88,6 +90,7 @@ def test_guided_frames_with_a_negative_prompt_equal_diffusers_pipeline(snapshots
     assert (result - torch.from_numpy(expected)).abs().max().item() <= FRAMES_BAR
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 def test_a_snapshot_that_diffusers_save_pretrained_writes_loads_and_gives_the_same_frames(snapshots, tmp_path):
     pipeline_class = require_oracle("AnyFlowPipeline")
@@ -98,6 +101,7 @@ def test_a_snapshot_that_diffusers_save_pretrained_writes_loads_and_gives_the_sa
     assert torch.equal(saved, VideoPipeline.from_pretrained(snapshots[False])(PROMPT, **run))
 
 
+@pytest.mark.slow
 def test_far_frames_come_out_chunk_by_chunk_and_equal_the_whole_decode(snapshots):
     pipe = VideoPipeline.from_pretrained(snapshots[True])
     frames, height, width = SIZES[True]
@@ -112,6 +116,7 @@ def test_far_frames_come_out_chunk_by_chunk_and_equal_the_whole_decode(snapshots
     assert (result - whole).abs().max().item() <= FRAMES_BAR  # decoded in chunks against all at once
 
 
+@pytest.mark.slow
 def test_the_seed_draws_the_noise_anyflow_sample_draws(snapshots):
     pipe = VideoPipeline.from_pretrained(snapshots[False])
     frames, height, width = SIZES[False]
@@ -189,6 +194,7 @@ def test_generate_writes_a_playable_mp4_of_the_size_asked(snapshots, tmp_path, c
     assert sorted(os.listdir(tmp_path)) == ["latents.safetensors", "video.mp4"]
 
 
+@pytest.mark.slow
 def test_generate_png_frames_equal_the_pipelines_and_far_appends_chunks(snapshots, tmp_path, capsys):
     from safetensors.torch import load_file
 
@@ -211,6 +217,7 @@ def test_generate_png_frames_equal_the_pipelines_and_far_appends_chunks(snapshot
     assert read_back(far_out).shape == (17, 128, 256, 3)
 
 
+@pytest.mark.slow
 def test_generate_an_image_to_video_starts_from_the_image_file(snapshots, tmp_path):
     from anyflow.pipeline.video_io import write_video
 

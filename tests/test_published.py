@@ -72,6 +72,7 @@ def test_the_fixture_is_what_the_authors_class_writes(released):
     assert {t.dtype for t in checkpoint.tensors.values()} == {"BF16"}  # the release casts everything, islands too
 
 
+@pytest.mark.slow
 def test_released_t2v_snapshot_loads_and_equals_the_oracle(released):
     """Ours and diffusers' AnyFlowTransformer3DModel, both loading the published snapshot, agree."""
     Oracle = require_oracle()
@@ -119,6 +120,7 @@ def test_released_config_serves_as_config_for_an_authors_pt(released, tmp_path):
     assert torch.equal(velocity(AnyFlowTransformer3DModel.from_pretrained(str(tmp_path / "out"))), velocity(reference))
 
 
+@pytest.mark.slow
 def test_released_far_snapshot_loads_converts_and_equals_the_oracle(released_far, tmp_path, capsys):
     FarOracle = require_oracle("AnyFlowFARTransformer3DModel")
     oracle = FarOracle.from_pretrained(str(released_far), subfolder="transformer", torch_dtype=torch.float32).eval()
@@ -212,6 +214,7 @@ def load_script(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_make_tiny_checkpoint_writes_where_told_and_replaces_only_with_force(tmp_path):
     from anyflow.cli.demo import TINY_CHECKPOINT
     from weights_convert.safetensors_io import read_header

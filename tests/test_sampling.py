@@ -149,6 +149,7 @@ def test_bad_sampling_input_names_the_argument(tiny_model, case):
         sample(tiny_model, noise, text, **kwargs)
 
 
+@pytest.mark.slow
 def test_a_prepared_context_samples_like_the_embeddings_it_was_made_from(tiny_model):
     randomize_(tiny_model, 3)
     gen = torch.Generator().manual_seed(2)

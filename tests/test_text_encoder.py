@@ -100,6 +100,7 @@ def test_fp32_matches_transformers(tmp_path, config, lengths):
     assert_within_bar(streamed, ref, "streamed")
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 @pytest.mark.parametrize("config", CONFIGS, ids=["tiny", "32-buckets", "odd"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -373,6 +374,7 @@ def test_clean_prompt_uses_ftfy_where_installed(monkeypatch):
     assert clean_prompt("cafÃ©  &amp;amp; tea ") == "cafÃ© & tea"
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 @pytest.mark.parametrize("max_length", [512, 24])
 def test_encode_prompts_matches_diffusers(tokenizer_folder, encoder_folder, max_length):

@@ -167,6 +167,7 @@ def test_a_tiny_model_overfits_a_tiny_dataset(tmp_path):
     assert os.path.isfile(tmp_path / "out" / "model_ema" / "config.json")
 
 
+@pytest.mark.slow
 def test_stage1_run_writes_its_outputs_and_its_adapter_loads(run, capsys):
     Trainer(config_from_dict(tiny_config(run)), say=print).train()
     out = run / "out"
@@ -184,6 +185,7 @@ def test_stage1_run_writes_its_outputs_and_its_adapter_loads(run, capsys):
     assert model.config.num_layers == 1
 
 
+@pytest.mark.slow
 def test_a_training_checkpoint_is_named_as_such_with_the_runs_weights_and_never_merged(run, capsys):
     """``checkpoints/step_N/rank0.pt`` given to inspect, sample --lora (even with --lora-skip-unknown),
     from_pretrained or anyflow-convert: one line saying what it is and which of the run's files to use."""
@@ -256,6 +258,7 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_stage2_alternates_generator_and_fake_score_on_cpu(run):
     raw = tiny_config(run, "onpolicy", train={"total_iter": 2})
     trainer = Trainer(config_from_dict(raw), say=quiet)
@@ -351,6 +354,7 @@ def test_loss_curve_png_draws_each_loss_in_its_panel(tmp_path):
     assert not write_loss_curve(str(tmp_path / "empty.jsonl"), str(tmp_path / "none.png"))
 
 
+@pytest.mark.slow
 def test_without_matplotlib_the_run_writes_its_log_and_says_how_to_draw_it(run, monkeypatch, capsys):
     import anyflow.training.loss_curve as loss_curve
 
@@ -484,6 +488,7 @@ def test_dataset_writer_refuses_bad_arguments_and_values_in_one_line(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a_file"]  # nothing hidden left behind
 
 
+@pytest.mark.slow
 def test_dataset_writer_without_with_closes_or_leaves_nothing(tmp_path):
     import gc
 
@@ -529,6 +534,7 @@ def test_safetensors_files_follow_the_umask(tmp_path):
 
 # ---- scripts/prepare_training_data.py ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_prepare_training_data_makes_a_folder_the_trainer_trains_on(tmp_path, capsys):
     """Videos and captions through the project's VAE and text encoder (a tiny snapshot) into a data folder, then
     two stage-1 iterations of the snapshot's transformer on it."""
@@ -571,6 +577,7 @@ def test_prepare_training_data_makes_a_folder_the_trainer_trains_on(tmp_path, ca
 
 # ---- runs that go wrong: non-finite values, a changed config, a bad output folder ---------------------
 
+@pytest.mark.slow
 def test_a_nonfinite_loss_stops_the_run_keeps_the_last_checkpoint_and_writes_no_weights(run, capsys):
     raw = tiny_config(run, train={"total_iter": 6, "warmup_iter": 0, "optim_g": {"lr": 1e30}},
                       logger={"save_checkpoint_freq": 1})
@@ -584,6 +591,7 @@ def test_a_nonfinite_loss_stops_the_run_keeps_the_last_checkpoint_and_writes_no_
     assert all(math.isfinite(r["loss"]) for r in read_log(run) if r["step"] <= int(latest.split("_")[1]))
 
 
+@pytest.mark.slow
 def test_max_nonfinite_steps_skips_such_a_step_without_updating(run, monkeypatch):
     raw = tiny_config(run, train={"total_iter": 3, "warmup_iter": 0, "max_nonfinite_steps": 1})
     trainer = Trainer(config_from_dict(raw), say=quiet)
@@ -604,6 +612,7 @@ def test_max_nonfinite_steps_skips_such_a_step_without_updating(run, monkeypatch
         trainer._check_finite(record)  # a second one is past the one allowed
 
 
+@pytest.mark.slow
 def test_resume_refuses_what_cannot_change_before_loading_and_records_what_may(run, monkeypatch):
     Trainer(config_from_dict(tiny_config(run, train={"total_iter": 2})), say=quiet).train()
     import anyflow.training.trainer as trainer_module

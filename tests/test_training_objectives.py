@@ -161,6 +161,7 @@ def run_stage1_authors(oracle, latents, text, negative, guidance, weighting, see
     return trainer.train_bidirection(latents.transpose(1, 2), text)
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 @pytest.mark.parametrize("case", sorted(STAGE1))
 def test_stage1_drawn_is_the_authors_loss_and_gradients(case):
@@ -186,6 +187,7 @@ STAGE1_GIVEN = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 @pytest.mark.parametrize("case", sorted(STAGE1_GIVEN))
 def test_stage1_with_given_timesteps_and_noise_is_the_authors(case):
@@ -230,6 +232,7 @@ FAR_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 @pytest.mark.parametrize("case", sorted(FAR_CASES))
 def test_far_stage1_loss_is_the_authors_on_diffusers_far_model(case):
@@ -250,6 +253,7 @@ def test_far_stage1_loss_is_the_authors_on_diffusers_far_model(case):
     assert error <= FLOW_MAP_BAR
 
 
+@pytest.mark.slow
 def test_far_stage1_gradients_are_the_transcriptions_on_our_model():
     """The same math assembled by the transcription, on our FAR model: the stop-gradients sit where the authors put them."""
     model = ours_only(seed=11, far=True)
@@ -328,6 +332,7 @@ def test_far_stage1_gradient_matches_a_finite_difference():
 
 # ---- stage 0 and the fake score ------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.reference
 @pytest.mark.parametrize("guidance", [None, 3.0])
 def test_stage0_is_the_teachers_loss_and_gradients(guidance):
@@ -346,6 +351,7 @@ def test_stage0_is_the_teachers_loss_and_gradients(guidance):
     assert value_error <= LOSS_BAR and grad_error <= GRAD_BAR
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 @pytest.mark.parametrize("given", [False, True], ids=["drawn", "given"])
 def test_fake_score_loss_is_the_authors_discriminator_loss(given):
@@ -413,6 +419,7 @@ def test_dmd_loss_and_its_gradient_in_pred_video_are_the_authors(case, given):
 ROLLOUT_STEPS = [(1, 0), (2, 0), (2, 1), (3, 1), (4, 0), (4, 2), (4, 3)]
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 @pytest.mark.parametrize("num_steps,grad_step", ROLLOUT_STEPS)
 def test_rollout_is_the_authors_training_rollout_with_gradients(num_steps, grad_step):
@@ -435,6 +442,7 @@ def test_rollout_is_the_authors_training_rollout_with_gradients(num_steps, grad_
 FAR_ROLLOUTS = [(2, 0), (3, 1)]  # a step then a jump; all three moves
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 @pytest.mark.parametrize("num_steps,grad_step", FAR_ROLLOUTS)
 def test_far_rollout_is_the_authors_chunk_by_chunk(num_steps, grad_step):
@@ -492,6 +500,7 @@ def test_far_rollout_gradients_match_a_finite_difference_with_the_caches_held():
     assert abs(analytic - moving_numeric) > 1e-2 * abs(analytic)  # the caches' own dependence is left out, as theirs
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 def test_the_objectives_run_on_diffusers_models_as_on_ours():
     """They call a model by the keywords both have: on diffusers' model they give what they give on ours."""

@@ -102,6 +102,7 @@ def test_encode_and_decode_match_diffusers(tiny_folder, frames, size):
     assert_close(decoded, oracle_decode(ref, z))
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 @pytest.mark.parametrize("name", [n for n in CONFIGS if n != "tiny"])
 def test_configs_match_diffusers(tmp_path, name):
@@ -128,6 +129,7 @@ def test_tiled_decode_matches_diffusers_tiling(tiny_folder):
     assert torch.equal(ours.decode(z, tile=(96, 64)), ours.decode(z))
 
 
+@pytest.mark.slow
 def test_tiled_decode_is_close_to_untiled_on_smooth_latents(tiny_folder):
     """Default tiles (256 px every 192) on a 288 x 288 frame of near-constant latents. With random
     weights the seams are wide: the middle attention is global over the frame and tiles see zeros past
@@ -144,6 +146,7 @@ def test_tiled_decode_is_close_to_untiled_on_smooth_latents(tiny_folder):
 # ---- streaming ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_streamed_decode_is_the_whole_decode_bit_for_bit(tiny_folder):
     ours = WanVAE.from_pretrained(str(tiny_folder))
     z = latents(ours.config, 6, 2, 3)
@@ -166,6 +169,7 @@ def test_streamed_tiled_decode_is_the_whole_tiled_decode(tiny_folder):
     assert torch.equal(torch.cat(list(ours.decode_chunks(z, tile=(32, 24))), dim=2), whole)
 
 
+@pytest.mark.slow
 def test_encode_is_causal_and_frames_first_is_a_transpose(tiny_folder):
     ours = WanVAE.from_pretrained(str(tiny_folder))
     x = video(9, 16, 16)
@@ -247,6 +251,7 @@ def test_original_pth_loads_as_the_diffusers_folder(tmp_path, tiny_folder):
     assert torch.equal(from_pth.encode(x), from_folder.encode(x))
 
 
+@pytest.mark.slow
 def test_sharded_folder_and_snapshot_root_load(tmp_path, tiny_folder):
     make_tiny_vae(tmp_path / "snapshot" / "vae", max_shard_bytes=20_000)
     (tmp_path / "snapshot" / "model_index.json").write_text(json.dumps({"_class_name": "AnyFlowFARPipeline"}))
