@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from anyflow import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel, sample
+from anyflow import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel, VideoPipeline, sample
 from anyflow.cli import main
 from anyflow.cli.common import Progress
 from anyflow.cli.demo import TINY_CHECKPOINT
@@ -104,6 +104,10 @@ def test_python_calls_name_what_is_wrong():
         AnyFlowTransformer3DModel.from_pretrained(None)
     with pytest.raises(TypeError, match=r"got int 123$"):
         AnyFlowTransformer3DModel.from_pretrained(123)
+    with pytest.raises(TypeError, match=r"^the checkpoint must be a file or folder path .* got int 123$"):
+        AnyFlowFARTransformer3DModel.from_pretrained(123)
+    with pytest.raises(TypeError, match=r"^the snapshot must be a file or folder path .* got NoneType None$"):
+        VideoPipeline.from_pretrained(None)
     model = AnyFlowTransformer3DModel(small_config()).eval()
     randomize_(model, 0)
     noise, text = torch.randn(1, 2, 4, 8, 8), torch.randn(1, 5, 24)
@@ -155,6 +159,7 @@ def test_generate_refuses_before_loading(tmp_path, capsys, monkeypatch):
         (["--fps", "1e9"], r"--fps 1000000000.0: frames per second must be above 0 and at most 50 for"),
         (["--negative-prompt", "blurry"], r"--negative-prompt is used only with --guidance-scale > 1"),
         (["--lora-skip-unknown"], r"--lora-skip-unknown: no --lora given"),
+        (["--device", "meta"], r"--device 'meta': the meta device holds shapes, not values"),
         (["--video", str(tmp_path / "clip.png")], r"--video .*clip.png: its first 9 frames fill the whole video "
                                                   r"\(--frames 9\): nothing would be generated"),
     ]
