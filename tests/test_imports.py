@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import subprocess
+import sys
 from typing import Dict, Set
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -138,3 +140,13 @@ def test_no_module_imports_itself_back():
         if module not in index:
             visit(module)
     assert not cycles, f"modules that import each other: {cycles}"
+
+
+def test_loading_a_model_does_not_import_the_compiler():
+    """torch._dynamo costs seconds of import; only compiling (or an offload hook's install) may bring it in."""
+    code = ("import sys; from anyflow import AnyFlowTransformer3DModel, AnyFlowFARTransformer3DModel, VideoPipeline; "
+            "from anyflow.cli.demo import TINY_CHECKPOINT; AnyFlowTransformer3DModel.from_pretrained(TINY_CHECKPOINT); "
+            "print('torch._dynamo' in sys.modules)")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == "False"

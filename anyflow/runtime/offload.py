@@ -95,12 +95,13 @@ class BlockOffloader:
 
     def install(self) -> None:
         """Hook every block: its weights come to the device as it starts, and go back when it ends."""
+        # never traced by a compiler; wrapped here, not where defined: torch.compiler.disable imports dynamo (seconds)
+        starts, ends = torch.compiler.disable(self._block_starts), torch.compiler.disable(self._block_ends)
         for i, block in enumerate(self.blocks):
-            block.register_forward_pre_hook(functools.partial(self._block_starts, i))
-            block.register_forward_hook(functools.partial(self._block_ends, i), always_call=True)
+            block.register_forward_pre_hook(functools.partial(starts, i))
+            block.register_forward_hook(functools.partial(ends, i), always_call=True)
             block.context_kv = self._around(i, block.context_kv)
 
-    @torch.compiler.disable
     def _block_starts(self, i: int, *_) -> None:
         if torch.is_grad_enabled():
             raise RuntimeError("block offload runs inference only: call the model under torch.no_grad() or "
@@ -113,7 +114,6 @@ class BlockOffloader:
         if i + 1 < len(self.blocks):
             self._fetch(i + 1)  # copied on the side stream while block i runs
 
-    @torch.compiler.disable
     def _block_ends(self, i: int, module: nn.Module, args, output) -> None:
         self._put_back(i)
         if output is None:  # the block raised (an always-called hook gets no output): nothing stays on the device
