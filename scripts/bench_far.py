@@ -46,6 +46,7 @@ quarter without one), the peak RSS growth of the run, and the cache's allocated 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 
@@ -233,9 +234,11 @@ def length_scaling(args) -> None:
     for _ in range(args.repeats):  # alternating, so that the machine's moods hit every length alike
         for frames in args.lengths:
             for window in (args.window, None):
-                runs.setdefault((frames, window), []).append(run_worker(LENGTH_WORKER, dict(
-                    frames=frames, window=window, sink=args.sink if window else 0, latent=[h, w], layers=args.layers,
-                    heads=args.heads, steps=args.steps)))
+                row = run_worker(LENGTH_WORKER, dict(frames=frames, window=window, sink=args.sink if window else 0,
+                                                     latent=[h, w], layers=args.layers, heads=args.heads,
+                                                     steps=args.steps))
+                runs.setdefault((frames, window), []).append(row)
+                print(f"  {frames} latent frames, {'window' if window else 'unbounded'}: {json.dumps(row)}", flush=True)
     # the least of the repeats: others' load on a shared machine only adds time
     rows = {key: min(found, key=lambda row: row["chunk_seconds"]) for key, found in runs.items()}
     print(f"machine: {os.cpu_count()} CPUs (1 thread used), torch {torch.__version__}; {args.heads} heads of 64, "

@@ -325,21 +325,12 @@ def check_prompt_schedule_file(args: argparse.Namespace, far: bool, partition) -
     if not far:
         raise ValueError(f"--prompt-schedule {path}: a prompt that changes over the video needs a FAR snapshot; "
                          f"{args.model} is bidirectional")
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError as exc:
-        raise ValueError(f"--prompt-schedule {path}: cannot read it ({exc.strerror})") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"--prompt-schedule {path}: not UTF-8 text") from None
     schedule: List[Tuple[int, str]] = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
+    for number, line in text_lines("--prompt-schedule", path):
         chunk, colon, text = line.partition(":")
         where = f"--prompt-schedule {path} line {number}"
         if not colon or not chunk.strip().isdigit() or not text.strip():
-            raise ValueError(f"{where}: expected 'CHUNK: prompt' (a chunk number, a colon, the prompt), got {line.strip()!r}")
+            raise ValueError(f"{where}: expected 'CHUNK: prompt' (a chunk number, a colon, the prompt), got {line!r}")
         chunk = int(chunk)
         if not schedule and chunk != 0:
             raise ValueError(f"{where}: the first prompt is chunk 0's (the start's), got chunk {chunk}")
@@ -385,17 +376,23 @@ def video_jobs(args: argparse.Namespace) -> List[VideoJob]:
             for index, prompt, seed in pairs]
 
 
-def read_prompts(path: str) -> List[Tuple[int, str]]:
-    """The prompts of a --prompts file with their line numbers: one a line, blank lines and # comments skipped."""
+def text_lines(option: str, path: str) -> List[Tuple[int, str]]:
+    """The lines of the text file ``path`` given to ``option``, stripped, with their numbers; blank lines and #
+    comments skipped. A file that cannot be read is one line naming the option."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError as exc:
-        raise ValueError(f"--prompts {path}: cannot read it ({exc.strerror})") from None
+        raise ValueError(f"{option} {path}: cannot read it ({exc.strerror})") from None
     except UnicodeDecodeError:
-        raise ValueError(f"--prompts {path}: not UTF-8 text") from None
-    prompts = [(number, line.strip()) for number, line in enumerate(lines, 1)
-               if line.strip() and not line.lstrip().startswith("#")]
+        raise ValueError(f"{option} {path}: not UTF-8 text") from None
+    return [(number, line.strip()) for number, line in enumerate(lines, 1)
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def read_prompts(path: str) -> List[Tuple[int, str]]:
+    """The prompts of a --prompts file with their line numbers: one a line, blank lines and # comments skipped."""
+    prompts = text_lines("--prompts", path)
     if not prompts:
         raise ValueError(f"--prompts {path}: holds no prompt (one a line; blank lines and # comments are skipped)")
     return prompts
