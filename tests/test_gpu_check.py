@@ -13,7 +13,8 @@ from support import require_oracle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("1. Smoke", "2. Ours against diffusers", "3. Eager against compile_blocks()", "4. fp8 weights",
-            "5. Block offload", "6. sample() peak", "7. from_pretrained", "8. load_parallel on one rank")
+            "5. Block offload", "6. sample() peak", "7. from_pretrained", "8. load_parallel on one rank",
+            "9. Streaming")
 
 
 @pytest.mark.slow
@@ -62,3 +63,11 @@ def test_without_diffusers_the_gpu_check_says_it_needs_the_test_extra(tmp_path):
     assert done.stderr == ('gpu_check.py needs the test extra (diffusers, the oracle it compares with): '
                            'pip install -e ".[test]"\n')
     assert done.stdout == "" and not work.exists() and not out.exists()  # nothing done before the line
+
+
+def test_an_unknown_section_is_one_line_naming_the_sections():
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--device", "cpu", "--small",
+                           "--sections", "streaming,warp"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and done.stdout == ""
+    assert "--sections: warp; choose among smoke, parity, compile, fp8, offload, sample, load, parallel, streaming" \
+        in done.stderr.splitlines()[-1]
