@@ -5,7 +5,7 @@
     python scripts/bench_far.py --step-scaling [--cache-frames 3 12 24 48] [--chunk-frames 3]
                                 [--layers 2] [--latent 32x56] [--dtype float32] [--code DIR]
     python scripts/bench_far.py --length-scaling [--lengths 8 32 128 512] [--window 2] [--sink 1]
-                                [--layers 2] [--latent 16x16] [--steps 2]
+                                [--layers 2] [--latent 16x16] [--steps 2] [--window-only]
     python scripts/bench_far.py --cache-bytes [--window 12] [--sink 1]
 
 Same random weights (1.3B widths: 12 heads of 128, ffn 8960; written once by the oracle's
@@ -236,7 +236,7 @@ def length_scaling(args) -> None:
     runs = {}
     for _ in range(args.repeats):  # alternating, so that the machine's moods hit every length alike
         for frames in args.lengths:
-            for window in (args.window, None):
+            for window in (args.window,) if args.window_only else (args.window, None):
                 row = run_worker(LENGTH_WORKER, dict(frames=frames, window=window, sink=args.sink if window else 0,
                                                      latent=[h, w], layers=args.layers, heads=args.heads,
                                                      steps=args.steps))
@@ -251,9 +251,9 @@ def length_scaling(args) -> None:
               f"{'unbounded: chunk CPU s':>22} {'peak RSS+ MB':>12} {'cache MB':>9}")
     print("\n" + header + "\n" + "-" * len(header))
     for frames in args.lengths:
-        a, b = rows[frames, args.window], rows[frames, None]
-        print(f"{frames:13d} | {a['chunk_seconds']:19.4f} {a['peak_rss_mb']:12.1f} {a['cache_mb']:9.2f} | "
-              f"{b['chunk_seconds']:22.4f} {b['peak_rss_mb']:12.1f} {b['cache_mb']:9.2f}")
+        a, b = rows[frames, args.window], rows.get((frames, None))
+        print(f"{frames:13d} | {a['chunk_seconds']:19.4f} {a['peak_rss_mb']:12.1f} {a['cache_mb']:9.2f} | " + (
+            f"{b['chunk_seconds']:22.4f} {b['peak_rss_mb']:12.1f} {b['cache_mb']:9.2f}" if b else "not run"))
     windowed = [rows[frames, args.window] for frames in args.lengths]
     for key, what, bar in (("peak_rss_mb", "peak RSS growth", 0.10), ("chunk_seconds", "chunk time", 0.15)):
         values = [row[key] for row in windowed]
@@ -344,6 +344,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, help="context window, latent frames (--length-scaling: default 2; "
                         "--cache-bytes: 12)")
     parser.add_argument("--sink", type=int, default=1, help="sink frames (default 1)")
+    parser.add_argument("--window-only", action="store_true", help="--length-scaling: the windowed runs alone")
     parser.add_argument("--heads", type=int, default=4, help="--length-scaling: heads of 64 (default 4)")
     parser.add_argument("--cache-bytes", action="store_true", help="the released models' cache at 480p")
     args = parser.parse_args()
