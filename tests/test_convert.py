@@ -71,6 +71,7 @@ def test_a_renaming_conversion_and_inspect_never_import_torch(hub, tmp_path):
         "from weights_convert import convert\n"
         "from anyflow.cli import main\n"
         f"convert({str(root)!r}, {str(tmp_path / 'out')!r}, progress=None)\n"
+        f"convert({str(root)!r}, {str(tmp_path / 'named')!r}, dtype='float32', progress=None)\n"  # its own dtype, named
         f"assert main(['inspect', {str(tmp_path / 'out')!r}]) == 0\n"
         "print('torch' in sys.modules)\n"
     )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, TextIO, Tuple, Union
 
 from anyflow.model.config import AnyFlowConfig, AnyFlowFARConfig
-from anyflow.model.parameters import SCALE_SUFFIX, is_fp32_island
+from anyflow.model.parameters import DTYPE_NAMES as MODEL_DTYPE_NAMES, SCALE_SUFFIX, is_fp32_island
 
 from .lora import LoraArguments, MergedTensor, apply_adapters, normalize_lora
 from .pt_files import InMemoryTensor
@@ -49,7 +49,9 @@ def resolve_dtype(dtype: Union[str, "torch.dtype", None]) -> Optional[str]:
     :func:`anyflow.runtime.devices.resolve_dtype` takes it); None for "keep" or None."""
     if dtype is None or dtype == "keep":  # a renaming conversion: no torch needed
         return None
-    from anyflow.runtime.devices import resolve_dtype as torch_dtype_of
+    if dtype in MODEL_DTYPE_NAMES:  # a name: its code without importing torch (a conversion that only renames)
+        return dtype_code(dtype)
+    from anyflow.runtime.devices import resolve_dtype as torch_dtype_of  # checks the rest, names the choices
 
     return dtype_code(torch_dtype_of(dtype))
 
