@@ -32,6 +32,7 @@ from typing import Optional, Sequence, Tuple
 
 from ..model.block import CPU_TOKENS_PER_CHUNK  # what a block's feed-forward takes at a time on a CPU (at most)
 from ..model.config import AnyFlowConfig, AnyFlowFARConfig
+from ..model.far_cache import ContextWindow
 from ..model.parameters import FLOAT8_NAME, is_float8_weight, is_fp32_island, parameter_shapes
 from .video_shape import latent_shape
 
@@ -195,7 +196,7 @@ def far_cache_bytes(config: AnyFlowFARConfig, batch: int, height: int, width: in
     ``chunk_frames`` at full resolution and the room for the next chunk
     (:meth:`anyflow.model.far_cache.ContextWindow.capacity`), plus the sink's keys kept once positions re-base."""
     compressed, full = _frame_tokens(config, height, width)
-    tokens = (sink_frames + context_window) * compressed + config.full_chunk_limit * chunk_frames * full
+    tokens = ContextWindow(context_window, sink_frames, chunk_frames).capacity((compressed, full), config.full_chunk_limit)
     per_token = 2 * config.num_layers * batch * config.hidden_size * element_size  # keys and values of every block
     return per_token * tokens + per_token // 2 * sink_frames * compressed
 
