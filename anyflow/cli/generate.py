@@ -195,8 +195,9 @@ def run_generate(args: argparse.Namespace) -> int:
                 image=given if args.image else None, video=given if args.video else None)
     partition = check_chunks(args, config, frames)
     prompt_schedule = check_prompt_schedule_file(args, far, partition)
-    if long_video_line(args, config, frames):
-        print(long_video_line(args, config, frames), flush=True)
+    long_line = long_video_line(args, config, frames)
+    if long_line:
+        print(long_line, flush=True)
     given_latents = 0 if given is None else 1 if args.image else (given.shape[0] - 1) // 4 + 1
     if given_latents >= frames:
         raise ValueError(f"--video {args.video}: its first {given.shape[0]} frames fill the whole video (--frames "

@@ -194,8 +194,9 @@ def check_sample_run(args: argparse.Namespace, processes) -> SampleRun:
     check_grid(config, args.frames, args.height, args.width, CLI_NAMES)
     guided = args.guidance_scale > 1
     partition = check_chunks(args, config, frames)
-    if long_video_line(args, config, frames):
-        processes.say(long_video_line(args, config, frames))
+    long_line = long_video_line(args, config, frames)
+    if long_line:
+        processes.say(long_line)
     text = read_embeddings("--prompt-embeds", args.prompt_embeds, PROMPT_KEY, config.text_dim)
     negative = None
     if args.negative_embeds and not guided:

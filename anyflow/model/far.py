@@ -241,11 +241,11 @@ class AnyFlowFARTransformer(AnyFlowBackbone):
         compressed_runs = tuple((start, min(stop, compressed_frames) - start) for start, stop in runs
                                 if start < compressed_frames)
         kept = sum(n for _, n in compressed_runs)
-        chunk_tokens, start = [], 0
+        chunk_tokens, start, frame_tokens = [], 0, self._frame_tokens(grid)
         for index, size in enumerate(cache.chunk_partition):  # each chunk cut to the frames the cache keeps of it
             kept_frames = sum(max(0, min(stop, start + size) - max(first, start)) for first, stop in runs)
             if kept_frames:
-                chunk_tokens.append(kept_frames * self._frame_tokens(grid)[index >= cache.num_compressed_chunks])
+                chunk_tokens.append(kept_frames * frame_tokens[index >= cache.num_compressed_chunks])
             start += size
         latents = latents.to(self.device, self.dtype)
         tokens, segments, rope = self._stream(latents[:, :kept], latents[:, kept:], grid,

@@ -222,11 +222,9 @@ class VideoPipeline:
                 if on_frames is not None:
                     on_frames(piece)
         latents = (kept[0] if len(kept) == 1 else torch.cat(kept, dim=1)) if keep else None
-        if on_latents is not None and output != "latents":
+        if on_latents is not None:
             on_latents(latents)
         if output == "latents":
-            if on_latents is not None:
-                on_latents(latents)
             return latents
         frames = torch.cat(pieces, dim=1)
         return (frames * 255).round().to(torch.uint8) if output == "uint8" else frames
@@ -407,7 +405,7 @@ class VideoPipeline:
                                  f"(chunks end after {ends[:-1]})")
             chunks_to_make = sum(end > given_latent_frames for end in ends)
             window = check_context_window(config, partition, context_window, sink_frames)
-            check_prompt_schedule([(chunk, text) for chunk, text in prompt_schedule[1:]], len(partition))
+            check_prompt_schedule(prompt_schedule[1:], len(partition))
         else:
             for name, value in (("chunk_partition", chunk_partition), ("context_window", context_window),
                                 ("sink_frames", sink_frames or None), ("prompt_schedule", prompt_schedule or None)):
